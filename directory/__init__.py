@@ -1,0 +1,1 @@
+"""The privacy-safe Matrix user directory: the domain layer (no Celery here)."""

@@ -1,0 +1,128 @@
+"""Settings, read once from the environment.
+
+Every tunable is one environment variable, named here with its default and why that
+default; the README lists the same table for operators.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{PROJECT_ROOT / 'var' / 'directory.sqlite3'}"
+
+
+def _env_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the truth lives. SQLite is the embedded default; PostgreSQL is production.
+    database_url: str = field(default_factory=_default_database_url)
+    # Broker and locks. Everything here may vanish; the database rebuilds it.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Our homeserver's name: users of this server are "local".
+    server_name: str = "localhost"
+    # Our homeserver's client API; it fetches remote profiles over federation for us.
+    homeserver_url: str = "http://127.0.0.1:8008"
+    # Token the homeserver gave this appservice (we send it) and the one it sends us.
+    as_token: str = ""
+    hs_token: str = ""
+    # Like Synapse's user_directory.search_all_users: every entry is visible to everyone.
+    search_all_users: bool = False
+
+    # At most this many profile requests in flight to one destination, across all
+    # workers: polite to remote servers, and the fake servers in the benchmark answer
+    # 429 beyond 3.
+    per_destination_concurrency: int = 3
+    # Failed fetches of one user before we give up until the next trigger or refresh.
+    max_fetch_attempts: int = 10
+    # Backoff between a user's failed fetches: base * factor**(attempts-1), capped.
+    # 30 s growing x4 reaches the cap after 6 attempts; 10 attempts span ~1.7 days.
+    fetch_retry_base_seconds: float = 30.0
+    fetch_retry_factor: float = 4.0
+    fetch_retry_max_seconds: float = 6 * 3600.0
+    # Quick in-task retries of a transient error (tenacity), kept to seconds so a task
+    # never nears the broker's visibility timeout.
+    fetch_quick_retries: int = 1
+    fetch_quick_retry_wait_seconds: float = 0.5
+    # HTTP limits for one profile request. A profile is tiny; anything larger is hostile.
+    fetch_connect_timeout_seconds: float = 5.0
+    fetch_read_timeout_seconds: float = 15.0
+    profile_max_bytes: int = 64 * 1024
+    # A destination failing this many times in a row is backed off as a whole, so its
+    # users wait together instead of each hammering it.
+    destination_failure_threshold: int = 3
+    destination_backoff_base_seconds: float = 10.0
+    destination_backoff_max_seconds: float = 3600.0
+    # Users claimed from the pending table per round trip by one fetch task.
+    fetch_batch_size: int = 25
+    # How long a claim hides a pending row from other workers. A worker that dies
+    # mid-fetch leaves its rows due again after this; it must exceed one request's
+    # worst case (timeouts times quick retries).
+    fetch_lease_seconds: float = 120.0
+    # A fetch task stops claiming after this long and re-queues itself, so one task
+    # never holds a worker (or the broker's visibility window) for long.
+    fetch_task_budget_seconds: float = 60.0
+
+    # Public profiles are re-fetched after this age (MSC4133 advises at most 24 h), each
+    # entry at a jittered time so a day's worth does not come due at once.
+    profile_max_age_seconds: float = 24 * 3600.0
+    # Entries queued for refresh per maintenance run, to spread the load.
+    refresh_batch_size: int = 1000
+    # How often beat reconciles the pending table with the queue.
+    reconcile_interval_seconds: float = 15.0
+    # How often beat queues refreshes and prunes orphaned entries.
+    refresh_interval_seconds: float = 60.0
+    prune_interval_seconds: float = 600.0
+
+    # Threads per worker process: fetches are I/O bound.
+    worker_concurrency: int = 16
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.type == "bool":
+                values[f.name] = _env_bool(raw)
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            elif f.type == "float":
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        # Friendlier names for the two durations operators touch most.
+        if env.get("PROFILE_MAX_AGE"):
+            values["profile_max_age_seconds"] = float(env["PROFILE_MAX_AGE"])
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.per_destination_concurrency < 1:
+            raise ValueError("PER_DESTINATION_CONCURRENCY must be at least 1")
+        if self.max_fetch_attempts < 1:
+            raise ValueError("MAX_FETCH_ATTEMPTS must be at least 1")
+        if ":" in self.server_name and not self.server_name.rsplit(":", 1)[1].isdigit():
+            raise ValueError(f"SERVER_NAME looks wrong: {self.server_name!r}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()
