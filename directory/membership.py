@@ -1,0 +1,169 @@
+"""What a batch of room events means for the directory (BRIEF §2).
+
+- A user joined to at least one visible room (one with a local member) has an entry;
+  on first sight it is a placeholder showing only the user id, and a fetch is queued.
+- Event values (display name, avatar) are only triggers: deduplicated by
+  directory.dedup, they queue a fetch of the PUBLIC profile and never reach the entry.
+- A user in no visible room any more loses the entry (and any pending fetch).
+- Our server leaving a room (its last local member leaves) drops its member list and
+  re-checks every member.
+
+A batch is one transaction of set-based statements, whatever its size; processing the
+same batch twice leaves the same state and queues nothing new.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection
+
+from directory.dedup import UNSEEN, SeenState, observe
+from directory.events import InvalidEvent, MemberEvent, RoomStateEvent, parse_event
+from directory.storage import entries, pending
+from directory.storage import rooms as room_store
+
+logger = logging.getLogger(__name__)
+
+# Scheduled refreshes are spread over the last tenth of the maximum age, so entries
+# created together do not all come due in the same minute.
+REFRESH_JITTER = 0.1
+
+
+@dataclass
+class BatchOutcome:
+    events: int = 0
+    invalid: int = 0
+    # Destinations that now have due fetches: the caller publishes work for them after
+    # the transaction commits.
+    fetch_servers: set[str] = field(default_factory=set)
+    # Rooms that just became visible (a local user joined), with one local member to
+    # read them as: their existing members were never sent to us.
+    rooms_to_backfill: dict[str, str] = field(default_factory=dict)
+    created: int = 0
+    deleted: int = 0
+
+
+def next_refresh_ms(now_ms: int, max_age_seconds: float) -> int:
+    max_age_ms = max_age_seconds * 1000
+    return int(now_ms + max_age_ms * (1 - REFRESH_JITTER * random.random()))
+
+
+def process_events(
+    conn: Connection,
+    raw_events: Sequence[object],
+    *,
+    server_name: str,
+    now_ms: int,
+    profile_max_age_seconds: float,
+) -> BatchOutcome:
+    """Apply one batch of events in the caller's transaction."""
+    outcome = BatchOutcome(events=len(raw_events))
+    members: list[MemberEvent] = []
+    join_rules: dict[str, str] = {}
+    history_visibility: dict[str, str] = {}
+    for index, raw in enumerate(raw_events):
+        try:
+            parsed = parse_event(raw)
+        except InvalidEvent as exc:
+            outcome.invalid += 1
+            logger.warning("skipping invalid event #%d of batch: %s", index, exc)
+            continue
+        if isinstance(parsed, MemberEvent):
+            members.append(parsed)
+        elif isinstance(parsed, RoomStateEvent):
+            if parsed.join_rule is not None:
+                join_rules[parsed.room_id] = parsed.join_rule
+            if parsed.history_visibility is not None:
+                history_visibility[parsed.room_id] = parsed.history_visibility
+
+    room_ids = {m.room_id for m in members} | join_rules.keys() | history_visibility.keys()
+    if not room_ids:
+        return outcome
+    room_store.ensure_rooms(conn, room_ids)
+    before = room_store.flags(conn, room_ids)
+
+    room_store.set_join_rules(conn, join_rules)
+    room_store.set_history_visibility(conn, history_visibility)
+    # Only the last event per (room, user) decides the membership.
+    final: dict[tuple[str, str], MemberEvent] = {(m.room_id, m.user_id): m for m in members}
+    local_suffix = ":" + server_name
+    room_store.add_members(
+        conn,
+        (
+            (room_id, user_id, user_id.endswith(local_suffix))
+            for (room_id, user_id), m in final.items()
+            if m.membership == "join"
+        ),
+    )
+    room_store.remove_members(conn, (key for key, m in final.items() if m.membership != "join"))
+    room_store.recompute_flags(conn, room_ids)
+    after = room_store.flags(conn, room_ids)
+
+    became_visible = {r for r in room_ids if after[r].is_visible and not before[r].is_visible}
+    became_invisible = {r for r in room_ids if before[r].is_visible and not after[r].is_visible}
+    publicity_changed = {r for r in room_ids if after[r].is_public != before[r].is_public}
+
+    affected = {m.user_id for m in members}
+    affected |= room_store.forget_members(conn, became_invisible)
+    affected |= room_store.members_of(conn, became_visible | publicity_changed)
+    for (room_id, user_id), m in final.items():
+        if room_id in became_visible and m.membership == "join" and user_id.endswith(local_suffix):
+            outcome.rooms_to_backfill.setdefault(room_id, user_id)
+
+    to_fetch, created, deleted = reconcile_users(
+        conn,
+        affected,
+        ((m.user_id, m.room_id, m) for m in members if m.membership == "join"),
+        now_ms=now_ms,
+        profile_max_age_seconds=profile_max_age_seconds,
+    )
+    outcome.created, outcome.deleted = created, deleted
+    pending.queue(conn, to_fetch, "event", now_ms)
+    outcome.fetch_servers = {user_id.split(":", 1)[1] for user_id in to_fetch}
+    return outcome
+
+
+def reconcile_users(
+    conn: Connection,
+    affected: set[str],
+    join_observations: Iterable[tuple[str, str, MemberEvent]],
+    *,
+    now_ms: int,
+    profile_max_age_seconds: float,
+) -> tuple[set[str], int, int]:
+    """Bring the entries of `affected` users in line with their memberships.
+
+    Returns the users to fetch, and how many entries were created and deleted.
+    """
+    visible = entries.visible_users(conn, affected)
+    deleted = entries.delete_entries(conn, affected - visible)
+    existing = entries.seen_states(conn, visible)
+    new_users = visible - existing.keys()
+
+    states: dict[str, SeenState] = {user_id: UNSEEN for user_id in new_users}
+    states.update(existing)
+    changed: set[str] = set()
+    to_fetch = set(new_users)
+    for user_id, room_id, event in join_observations:
+        if user_id not in visible:
+            continue
+        state, fetch = observe(states[user_id], room_id, event.value)
+        if state != states[user_id]:
+            states[user_id] = state
+            changed.add(user_id)
+        if fetch:
+            to_fetch.add(user_id)
+
+    entries.create_placeholders(
+        conn,
+        {user_id: states[user_id] for user_id in new_users},
+        now_ms,
+        next_refresh_ms(now_ms, profile_max_age_seconds),
+    )
+    entries.save_seen(conn, {u: states[u] for u in changed - new_users})
+    entries.refresh_public_flags(conn, visible)
+    return to_fetch, len(new_users), deleted

@@ -1,0 +1,185 @@
+"""SQL for directory entries (user_directory): existence, public profile, seen values."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    not_,
+    select,
+    update,
+)
+
+from directory.dedup import SeenState
+from directory.events import ProfileValue, server_name_of
+from directory.models import pending_fetches, room_members, rooms, user_directory
+from directory.storage.common import chunks
+from directory.text import entry_keys
+
+_in_visible_room = select(room_members.c.user_id).join(
+    rooms, and_(rooms.c.room_id == room_members.c.room_id, rooms.c.is_visible)
+)
+
+
+def visible_users(conn: Connection, user_ids: Collection[str]) -> set[str]:
+    """The users among these joined to at least one room we can see."""
+    found: set[str] = set()
+    for batch in chunks(sorted(user_ids)):
+        found.update(
+            conn.scalars(_in_visible_room.where(room_members.c.user_id.in_(batch)).distinct())
+        )
+    return found
+
+
+def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenState]:
+    """The dedup state of every existing entry among these users."""
+    d = user_directory.c
+    found: dict[str, SeenState] = {}
+    for batch in chunks(sorted(user_ids)):
+        rows = conn.execute(
+            select(
+                d.user_id,
+                d.seen_displayname,
+                d.seen_avatar_url,
+                d.seen_room_id,
+                d.seen_elsewhere,
+                d.seen_per_room,
+            ).where(d.user_id.in_(batch))
+        )
+        for user_id, name, avatar, room_id, elsewhere, per_room in rows:
+            value = None if room_id is None else ProfileValue(name, avatar)
+            found[user_id] = SeenState(value, room_id, bool(elsewhere), bool(per_room))
+    return found
+
+
+def _seen_columns(state: SeenState) -> dict[str, object]:
+    value = state.value or ProfileValue(None, None)
+    return {
+        "seen_displayname": value.displayname,
+        "seen_avatar_url": value.avatar_url,
+        "seen_room_id": state.room_id,
+        "seen_elsewhere": state.elsewhere,
+        "seen_per_room": state.per_room,
+    }
+
+
+def create_placeholders(
+    conn: Connection, states: dict[str, SeenState], now_ms: int, refresh_due_ms: int
+) -> None:
+    """New entries showing nothing but the user id, until the public profile is fetched."""
+    rows = [
+        {
+            "user_id": user_id,
+            "server_name": server_name_of(user_id),
+            "display_name": None,
+            "avatar_url": None,
+            "fetched_at_ms": None,
+            "refresh_due_ms": refresh_due_ms,
+            "in_public_room": False,
+            "created_at_ms": now_ms,
+            **entry_keys(user_id, None),
+            **_seen_columns(state),
+        }
+        for user_id, state in states.items()
+    ]
+    for batch in chunks(rows):
+        conn.execute(user_directory.insert(), list(batch))
+
+
+def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:
+    rows = [{"uid": user_id, **_seen_columns(state)} for user_id, state in states.items()]
+    for batch in chunks(rows):
+        conn.execute(
+            update(user_directory)
+            .where(user_directory.c.user_id == bindparam("uid"))
+            .values({name: bindparam(name) for name in batch[0] if name != "uid"}),
+            list(batch),
+        )
+
+
+def delete_entries(conn: Connection, user_ids: Collection[str]) -> int:
+    deleted = 0
+    for batch in chunks(sorted(user_ids)):
+        # Explicit, not only by the foreign key's cascade: the pending row must go even
+        # where foreign keys are not enforced.
+        conn.execute(delete(pending_fetches).where(pending_fetches.c.user_id.in_(batch)))
+        deleted += conn.execute(
+            delete(user_directory).where(user_directory.c.user_id.in_(batch))
+        ).rowcount
+    return deleted
+
+
+def refresh_public_flags(conn: Connection, user_ids: Collection[str]) -> None:
+    """in_public_room: joined to a visible room that is public or world-readable."""
+    in_public_room = exists().where(
+        room_members.c.user_id == user_directory.c.user_id,
+        rooms.c.room_id == room_members.c.room_id,
+        rooms.c.is_visible,
+        rooms.c.is_public,
+    )
+    for batch in chunks(sorted(user_ids)):
+        conn.execute(
+            update(user_directory)
+            .where(user_directory.c.user_id.in_(batch))
+            .values(in_public_room=in_public_room)
+        )
+
+
+def apply_profile(
+    conn: Connection, user_id: str, profile: ProfileValue, now_ms: int, refresh_due_ms: int
+) -> bool:
+    """Store a fetched public profile. False if the entry is gone (the user left).
+
+    The UPDATE is the race guard: a fetch answered after the user left every visible
+    room touches no row and so cannot bring the entry back.
+    """
+    result = conn.execute(
+        update(user_directory)
+        .where(user_directory.c.user_id == user_id)
+        .values(
+            display_name=profile.displayname,
+            avatar_url=profile.avatar_url,
+            fetched_at_ms=now_ms,
+            refresh_due_ms=refresh_due_ms,
+            **entry_keys(user_id, profile.displayname),
+        )
+    )
+    return result.rowcount > 0
+
+
+def due_for_refresh(conn: Connection, now_ms: int, limit: int) -> list[str]:
+    """Entries whose profile is older than the maximum age, oldest first, not already queued."""
+    d, p = user_directory.c, pending_fetches.c
+    already_queued = exists().where(p.user_id == d.user_id, p.next_attempt_ms.is_not(None))
+    return list(
+        conn.scalars(
+            select(d.user_id)
+            .where(d.refresh_due_ms <= now_ms, not_(already_queued))
+            .order_by(d.refresh_due_ms)
+            .limit(limit)
+        )
+    )
+
+
+def postpone_refresh(conn: Connection, due: Iterable[tuple[str, int]]) -> None:
+    rows = [{"uid": user_id, "due": due_ms} for user_id, due_ms in due]
+    for batch in chunks(rows):
+        conn.execute(
+            update(user_directory)
+            .where(user_directory.c.user_id == bindparam("uid"))
+            .values(refresh_due_ms=bindparam("due")),
+            list(batch),
+        )
+
+
+def delete_orphans(conn: Connection) -> int:
+    """Remove entries of users in no visible room: a repair; the hooks normally do it."""
+    orphaned = select(user_directory.c.user_id).where(
+        not_(exists(_in_visible_room.where(room_members.c.user_id == user_directory.c.user_id)))
+    )
+    return delete_entries(conn, list(conn.scalars(orphaned)))

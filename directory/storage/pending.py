@@ -1,0 +1,178 @@
+"""SQL for the pending-fetch table: the outbox of profile lookups.
+
+A row is due when next_attempt_ms <= now. Claiming moves next_attempt_ms forward by a
+lease, which hides the row from other workers; a worker that dies leaves the row due
+again when the lease ends. NULL means we gave up until the next trigger or refresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+
+from directory.events import server_name_of
+from directory.models import destinations, pending_fetches
+from directory.storage.common import chunks, insert_for, is_postgresql
+
+p = pending_fetches.c
+
+
+@dataclass(frozen=True)
+class Claim:
+    user_id: str
+    server_name: str
+    generation: int
+    attempts: int
+
+
+def queue(conn: Connection, user_ids: Collection[str], reason: str, now_ms: int) -> None:
+    """Ask for a fetch of each user now. A user already pending gets a new generation
+    (so a fetch in flight does not clear the row) and a fresh attempt budget."""
+    for batch in chunks(sorted(user_ids)):
+        stmt = insert_for(conn, pending_fetches)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_id"],
+            set_={
+                "generation": pending_fetches.c.generation + 1,
+                "attempts": 0,
+                "next_attempt_ms": stmt.excluded.next_attempt_ms,
+                "reason": stmt.excluded.reason,
+                "last_error": None,
+                "queued_at_ms": stmt.excluded.queued_at_ms,
+            },
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "user_id": user_id,
+                    "server_name": server_name_of(user_id),
+                    "generation": 1,
+                    "attempts": 0,
+                    "next_attempt_ms": now_ms,
+                    "reason": reason,
+                    "queued_at_ms": now_ms,
+                }
+                for user_id in batch
+            ],
+        )
+
+
+def claim(
+    conn: Connection, server_name: str, now_ms: int, lease_until_ms: int, limit: int
+) -> list[Claim]:
+    """Take up to `limit` due users of one destination, oldest first, for this worker."""
+    due = (
+        select(p.user_id)
+        .where(p.server_name == server_name, p.next_attempt_ms <= now_ms)
+        .order_by(p.next_attempt_ms)
+        .limit(limit)
+    )
+    if is_postgresql(conn):
+        # Two workers claiming at once take different rows instead of queueing.
+        due = due.with_for_update(skip_locked=True)
+    rows = conn.execute(
+        update(pending_fetches)
+        .where(p.user_id.in_(due.scalar_subquery()))
+        .values(next_attempt_ms=lease_until_ms)
+        .returning(p.user_id, p.server_name, p.generation, p.attempts)
+    )
+    return [Claim(*row) for row in rows]
+
+
+def complete(conn: Connection, claim: Claim) -> bool:
+    """Done with this generation. False if a newer trigger arrived meanwhile: the row
+    stays, due, for one more fetch."""
+    result = conn.execute(
+        delete(pending_fetches).where(p.user_id == claim.user_id, p.generation == claim.generation)
+    )
+    return result.rowcount > 0
+
+
+def record_failure(conn: Connection, claim: Claim, next_attempt_ms: int | None, error: str) -> None:
+    """Count a failed attempt; next_attempt_ms None gives up. A newer generation is left
+    alone: its trigger came after this attempt and deserves its own."""
+    conn.execute(
+        update(pending_fetches)
+        .where(p.user_id == claim.user_id, p.generation == claim.generation)
+        .values(attempts=claim.attempts + 1, next_attempt_ms=next_attempt_ms, last_error=error)
+    )
+
+
+def postpone(
+    conn: Connection, claims: Iterable[Claim], next_attempt_ms: int, error: str | None
+) -> None:
+    """Put claimed rows back without counting an attempt (rate limited, lock busy, or
+    the task ran out of time before reaching them)."""
+    rows = [{"uid": c.user_id, "gen": c.generation} for c in claims]
+    for batch in chunks(rows):
+        conn.execute(
+            update(pending_fetches)
+            .where(p.user_id == bindparam("uid"), p.generation == bindparam("gen"))
+            .values(next_attempt_ms=next_attempt_ms, last_error=error),
+            list(batch),
+        )
+
+
+def _destination_open(now_ms: int):
+    return or_(destinations.c.retry_after_ms.is_(None), destinations.c.retry_after_ms <= now_ms)
+
+
+def due_by_server(conn: Connection, now_ms: int) -> list[tuple[str, int]]:
+    """Destinations with due users and not backed off, the busiest first (it is the
+    longest to drain, so it should start first)."""
+    count = func.count().label("due")
+    rows = conn.execute(
+        select(p.server_name, count)
+        .select_from(
+            pending_fetches.outerjoin(destinations, destinations.c.server_name == p.server_name)
+        )
+        .where(p.next_attempt_ms <= now_ms, _destination_open(now_ms))
+        .group_by(p.server_name)
+        .order_by(count.desc(), p.server_name)
+    )
+    return [(server, int(n)) for server, n in rows]
+
+
+def has_due(conn: Connection, server_name: str, now_ms: int) -> bool:
+    """Whether the destination has due users and is not backed off."""
+    backed_off = (
+        select(destinations.c.server_name)
+        .where(destinations.c.server_name == server_name, ~_destination_open(now_ms))
+        .exists()
+    )
+    first_due = (
+        select(p.user_id)
+        .where(p.server_name == server_name, p.next_attempt_ms <= now_ms, ~backed_off)
+        .limit(1)
+    )
+    return conn.scalar(first_due) is not None
+
+
+def revive_given_up(conn: Connection, server_name: str, now_ms: int) -> int:
+    """A destination came back: users who gave up while it was down try again."""
+    return conn.execute(
+        update(pending_fetches)
+        .where(p.server_name == server_name, p.next_attempt_ms.is_(None))
+        .values(next_attempt_ms=now_ms, attempts=0)
+    ).rowcount
+
+
+@dataclass(frozen=True)
+class PendingSummary:
+    due: int
+    waiting: int
+    given_up: int
+
+
+def summary(conn: Connection, now_ms: int) -> PendingSummary:
+    due, waiting, given_up = conn.execute(
+        select(
+            func.count().filter(p.next_attempt_ms <= now_ms),
+            func.count().filter(p.next_attempt_ms > now_ms),
+            func.count().filter(p.next_attempt_ms.is_(None)),
+        )
+    ).one()
+    return PendingSummary(due=due, waiting=waiting, given_up=given_up)

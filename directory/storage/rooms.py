@@ -1,0 +1,133 @@
+"""SQL for rooms and their joined members."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
+
+from directory.models import room_members, rooms
+from directory.storage.common import chunks, insert_for
+
+
+@dataclass(frozen=True)
+class RoomFlags:
+    is_visible: bool
+    is_public: bool
+
+
+def ensure_rooms(conn: Connection, room_ids: Collection[str]) -> None:
+    for batch in chunks(sorted(room_ids)):
+        conn.execute(
+            insert_for(conn, rooms).on_conflict_do_nothing(index_elements=["room_id"]),
+            [{"room_id": room_id} for room_id in batch],
+        )
+
+
+def flags(conn: Connection, room_ids: Collection[str]) -> dict[str, RoomFlags]:
+    found: dict[str, RoomFlags] = {}
+    for batch in chunks(sorted(room_ids)):
+        rows = conn.execute(
+            select(rooms.c.room_id, rooms.c.is_visible, rooms.c.is_public).where(
+                rooms.c.room_id.in_(batch)
+            )
+        )
+        for room_id, is_visible, is_public in rows:
+            found[room_id] = RoomFlags(bool(is_visible), bool(is_public))
+    return found
+
+
+def set_join_rules(conn: Connection, values: dict[str, str]) -> None:
+    if values:
+        conn.execute(
+            update(rooms)
+            .where(rooms.c.room_id == bindparam("rid"))
+            .values(join_rule=bindparam("value")),
+            [{"rid": room_id, "value": value} for room_id, value in values.items()],
+        )
+
+
+def set_history_visibility(conn: Connection, values: dict[str, str]) -> None:
+    if values:
+        conn.execute(
+            update(rooms)
+            .where(rooms.c.room_id == bindparam("rid"))
+            .values(history_visibility=bindparam("value")),
+            [{"rid": room_id, "value": value} for room_id, value in values.items()],
+        )
+
+
+def recompute_flags(conn: Connection, room_ids: Collection[str]) -> None:
+    """Derive is_public from the room's state and is_visible from its local members."""
+    has_local_member = exists().where(
+        room_members.c.room_id == rooms.c.room_id, room_members.c.is_local
+    )
+    # The rule of directory.events.is_public, in SQL.
+    is_public = or_(
+        func.coalesce(rooms.c.join_rule, "") == "public",
+        func.coalesce(rooms.c.history_visibility, "") == "world_readable",
+    )
+    for batch in chunks(sorted(room_ids)):
+        conn.execute(
+            update(rooms)
+            .where(rooms.c.room_id.in_(batch))
+            .values(is_visible=has_local_member, is_public=is_public)
+        )
+
+
+def add_members(conn: Connection, rows: Iterable[tuple[str, str, bool]]) -> None:
+    """Record joins: (room_id, user_id, is_local). Joining twice changes nothing."""
+    for batch in chunks(rows):
+        conn.execute(
+            insert_for(conn, room_members).on_conflict_do_nothing(
+                index_elements=["room_id", "user_id"]
+            ),
+            [{"room_id": r, "user_id": u, "is_local": local} for r, u, local in batch],
+        )
+
+
+def remove_members(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
+    for batch in chunks(pairs):
+        conn.execute(
+            delete(room_members).where(
+                room_members.c.room_id == bindparam("rid"),
+                room_members.c.user_id == bindparam("uid"),
+            ),
+            [{"rid": r, "uid": u} for r, u in batch],
+        )
+
+
+def members_of(conn: Connection, room_ids: Collection[str]) -> set[str]:
+    found: set[str] = set()
+    for batch in chunks(sorted(room_ids)):
+        found.update(
+            conn.scalars(select(room_members.c.user_id).where(room_members.c.room_id.in_(batch)))
+        )
+    return found
+
+
+def forget_members(conn: Connection, room_ids: Collection[str]) -> set[str]:
+    """Our server left these rooms: their member lists go stale, so drop them.
+
+    Returns the users who were members, so the caller can re-check each of them.
+    """
+    users = members_of(conn, room_ids)
+    for batch in chunks(sorted(room_ids)):
+        conn.execute(delete(room_members).where(room_members.c.room_id.in_(batch)))
+    return users
+
+
+def replace_members(conn: Connection, room_id: str, members: dict[str, bool]) -> set[str]:
+    """Make the room's member list exactly `members` (user_id -> is_local).
+
+    Returns every user whose membership of the room changed.
+    """
+    current = set(
+        conn.scalars(select(room_members.c.user_id).where(room_members.c.room_id == room_id))
+    )
+    gone = current - members.keys()
+    new = members.keys() - current
+    remove_members(conn, ((room_id, user) for user in gone))
+    add_members(conn, ((room_id, user, members[user]) for user in new))
+    return gone | new

@@ -1,0 +1,1 @@
+"""The Celery layer: the app, and thin tasks that call into directory/."""

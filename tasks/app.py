@@ -1,0 +1,75 @@
+"""The Celery application and the settings chosen for durability (see README).
+
+- Late acks and reject-on-worker-lost: a task whose worker dies is delivered again.
+  Every task here is idempotent, so running twice is safe; losing one is not.
+- Prefetch 1: a worker holds no more tasks than it runs, so a busy or dead worker does
+  not sit on fetches another could do.
+- Visibility timeout far above any task's run time and any countdown we use: Redis
+  redelivers an unacknowledged task only after it.
+- Task events on, for Flower.
+- Three queues, so operators can scale event processing, fetching and maintenance apart.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+from kombu import Queue
+
+from directory.config import get_settings
+
+logger = logging.getLogger(__name__)
+
+EVENTS_QUEUE = "events"
+FETCH_QUEUE = "fetch"
+MAINTENANCE_QUEUE = "maintenance"
+ALL_QUEUES = (EVENTS_QUEUE, FETCH_QUEUE, MAINTENANCE_QUEUE)
+
+# Redis redelivers unacknowledged tasks after this. Fetch runs stop claiming after
+# FETCH_TASK_BUDGET_SECONDS (default 60) and we never use long countdowns: the long
+# backoffs live in the database, not in the broker.
+VISIBILITY_TIMEOUT_SECONDS = 3600
+
+settings = get_settings()
+
+app = Celery("directory", broker=settings.redis_url, include=["tasks.fetch", "tasks.maintenance"])
+app.conf.update(
+    task_queues=[Queue(name) for name in ALL_QUEUES],
+    task_default_queue=MAINTENANCE_QUEUE,
+    task_routes={
+        "tasks.fetch.*": {"queue": FETCH_QUEUE},
+        "tasks.maintenance.*": {"queue": MAINTENANCE_QUEUE},
+        "tasks.events.*": {"queue": EVENTS_QUEUE},
+    },
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    worker_prefetch_multiplier=1,
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+    broker_connection_retry_on_startup=True,
+    # A publish while Redis is down fails fast instead of stalling the caller; the
+    # pending table still holds the work and reconciliation republishes it.
+    task_publish_retry_policy={
+        "max_retries": 2,
+        "interval_start": 0.1,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
+    },
+    worker_hijack_root_logger=False,
+    timezone="UTC",
+)
+
+
+@signals.worker_ready.connect
+def rebuild_queue_on_start(**_kwargs: object) -> None:
+    """Whatever the broker lost (a restart, a flush), the pending table still has."""
+    from tasks.maintenance import publish_due_fetches
+
+    try:
+        published = publish_due_fetches()
+        logger.info("worker start: queued fetches for %d destinations", published)
+    except Exception:
+        logger.exception("worker start: could not rebuild the queue; beat will retry")

@@ -1,0 +1,73 @@
+"""The one place that publishes fetch work, always after the rows it announces commit.
+
+Publishing is only the fast path: if it fails (Redis down) or is lost (a flush, a
+crash), the pending rows are still in the database and reconciliation republishes
+them. A short-lived Redis key per destination keeps a burst of batches touching the
+same server from publishing a task for each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+from directory.clock import now_ms
+from directory.storage import pending
+from tasks.app import FETCH_QUEUE, app
+from tasks.resources import get_resources
+
+logger = logging.getLogger(__name__)
+
+FETCH_TASK = "tasks.fetch.fetch_destination"
+# How long a "tasks already queued for this destination" mark lives without a run
+# clearing it: after this, reconciliation may publish again (the runs were lost).
+QUEUED_MARK_TTL_MS = 30_000
+
+
+def queued_key(server_name: str) -> str:
+    return f"ud:dest:{server_name}:queued"
+
+
+def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = None) -> int:
+    """Queue fetch runs for these destinations; returns how many tasks were sent."""
+    resources = get_resources()
+    settings = resources.settings
+    sent = 0
+    for server in servers:
+        due = (due_counts or {}).get(server)
+        # Enough runs to use the destination's slots, no more than its users need.
+        copies = settings.per_destination_concurrency
+        if due is not None:
+            copies = max(1, min(copies, math.ceil(due / settings.fetch_batch_size)))
+        try:
+            if not resources.redis.set(queued_key(server), copies, nx=True, px=QUEUED_MARK_TTL_MS):
+                continue
+            for _ in range(copies):
+                app.send_task(FETCH_TASK, args=(server,), queue=FETCH_QUEUE)
+                sent += 1
+        except Exception:
+            # Never fail the caller: its rows are committed, beat will publish them.
+            logger.warning(
+                "could not publish fetches for %s; reconciliation will", server, exc_info=True
+            )
+    return sent
+
+
+def destination_drained(server_name: str) -> None:
+    """A run found nothing more to do: let the next batch publish again, and cover rows
+    committed while we were finishing."""
+    resources = get_resources()
+    resources.redis.delete(queued_key(server_name))
+    with resources.engine.connect() as conn:
+        due = pending.has_due(conn, server_name, now_ms())
+    if due:
+        publish_fetches([server_name])
+
+
+def publish_due_fetches() -> int:
+    """Queue runs for every destination with due users (reconciliation, worker start)."""
+    resources = get_resources()
+    with resources.engine.connect() as conn:
+        due = dict(pending.due_by_server(conn, now_ms()))
+    return publish_fetches(due, due)

@@ -1,0 +1,33 @@
+"""Worker process entry point: `python worker.py [celery worker options]`.
+
+Defaults: every queue, a thread pool (profile fetches wait on the network, not the
+CPU) of WORKER_CONCURRENCY threads, task events on for Flower. Any option given on the
+command line wins, e.g. `python worker.py -Q fetch -c 32` for a fetch-only worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from directory.config import get_settings
+from tasks.app import ALL_QUEUES, app
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    defaults = {
+        ("-Q", "--queues"): ",".join(ALL_QUEUES),
+        ("-P", "--pool"): "threads",
+        ("-c", "--concurrency"): str(get_settings().worker_concurrency),
+        ("-l", "--loglevel"): "INFO",
+    }
+    args = ["worker", "--events", "--without-gossip", "--without-mingle"]
+    for names, value in defaults.items():
+        if not any(a in names or a.startswith(names[1] + "=") for a in argv):
+            args += [names[1], value]
+    app.worker_main(args + argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
