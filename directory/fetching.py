@@ -79,9 +79,8 @@ def apply_result(
     if result.outcome in (Outcome.OK, Outcome.NOT_FOUND, Outcome.FORBIDDEN):
         # 404/403 are answers too: the public profile is nothing we may show, so the
         # entry shows the placeholder. Never a value from an event.
-        profile = ProfileValue(None, None)
-        if result.outcome is Outcome.OK and result.profile is not None:
-            profile = ProfileValue(result.profile.displayname, result.profile.avatar_url)
+        profile = result.profile if result.outcome is Outcome.OK else None
+        profile = profile or ProfileValue(None, None)
         refresh_due = next_refresh_ms(now, settings.profile_max_age_seconds)
         exists = entries.apply_profile(conn, user_id, profile, now, refresh_due)
         ask_again = False

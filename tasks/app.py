@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from directory.config import get_settings
 
@@ -35,7 +35,7 @@ settings = get_settings()
 
 app = Celery("directory", broker=settings.redis_url, include=["tasks.fetch", "tasks.maintenance"])
 app.conf.update(
-    task_queues=[Queue(name) for name in ALL_QUEUES],
+    task_queues=[Queue(name, Exchange(name), routing_key=name) for name in ALL_QUEUES],
     task_default_queue=MAINTENANCE_QUEUE,
     task_routes={
         "tasks.fetch.*": {"queue": FETCH_QUEUE},

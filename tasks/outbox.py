@@ -23,6 +23,9 @@ FETCH_TASK = "tasks.fetch.fetch_destination"
 # How long a "tasks already queued for this destination" mark lives without a run
 # clearing it: after this, reconciliation may publish again (the runs were lost).
 QUEUED_MARK_TTL_MS = 30_000
+# A retry due within this long gets a delayed task; later ones wait for reconciliation.
+# Far below the broker's visibility timeout (tasks/app.py).
+FOLLOW_UP_HORIZON_MS = 60_000
 
 
 def queued_key(server_name: str) -> str:
@@ -55,14 +58,28 @@ def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = 
 
 
 def destination_drained(server_name: str) -> None:
-    """A run found nothing more to do: let the next batch publish again, and cover rows
-    committed while we were finishing."""
+    """A run found nothing more to do now: let the next batch publish again, cover rows
+    committed while we were finishing, and come back when the next retry is due."""
     resources = get_resources()
     resources.redis.delete(queued_key(server_name))
+    now = now_ms()
     with resources.engine.connect() as conn:
-        due = pending.has_due(conn, server_name, now_ms())
+        due = pending.has_due(conn, server_name, now)
+        next_due = pending.next_due_ms(conn, server_name)
     if due:
         publish_fetches([server_name])
+    elif next_due is not None and next_due - now <= FOLLOW_UP_HORIZON_MS:
+        # Short retries run on time instead of waiting for the next reconciliation;
+        # longer ones are left to beat (no long countdowns in the broker).
+        try:
+            app.send_task(
+                FETCH_TASK,
+                args=(server_name,),
+                queue=FETCH_QUEUE,
+                countdown=max(0.0, (next_due - now) / 1000),
+            )
+        except Exception:
+            logger.warning("could not schedule a follow-up for %s", server_name, exc_info=True)
 
 
 def publish_due_fetches() -> int:

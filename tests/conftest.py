@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,13 +19,19 @@ from tests.support.services import PrivateRedis, ThrowawayDatabase, selected_bac
 
 SERVER_NAME = "ours.test"
 
+# Chosen before any test imports tasks.* (the Celery app reads the environment when
+# imported), so in-process code and the worker processes agree on where things are.
+_WORKDIR = Path(tempfile.mkdtemp(prefix="directory-tests-"))
+_DATABASE = ThrowawayDatabase(selected_backend(), _WORKDIR)
+_REDIS = PrivateRedis(_WORKDIR)
+os.environ.update(DATABASE_URL=_DATABASE.url, REDIS_URL=_REDIS.url, SERVER_NAME=SERVER_NAME)
+
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    database = ThrowawayDatabase(selected_backend(), tmp_path_factory.mktemp("db"))
-    database.create()
-    yield database.url
-    database.drop()
+def database_url() -> Iterator[str]:
+    _DATABASE.create()
+    yield _DATABASE.url
+    _DATABASE.drop()
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +51,10 @@ def db(engine: Engine) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+def private_redis() -> Iterator[PrivateRedis]:
+    _REDIS.start()
+    yield _REDIS
+    _REDIS.stop()
 
 
 @pytest.fixture

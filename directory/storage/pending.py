@@ -151,6 +151,18 @@ def has_due(conn: Connection, server_name: str, now_ms: int) -> bool:
     return conn.scalar(first_due) is not None
 
 
+def next_due_ms(conn: Connection, server_name: str) -> int | None:
+    """When the destination's next waiting user may be tried (None: nobody waits),
+    counting the destination's own backoff."""
+    first = conn.scalar(select(func.min(p.next_attempt_ms)).where(p.server_name == server_name))
+    if first is None:
+        return None
+    retry_after = conn.scalar(
+        select(destinations.c.retry_after_ms).where(destinations.c.server_name == server_name)
+    )
+    return max(first, retry_after or 0)
+
+
 def revive_given_up(conn: Connection, server_name: str, now_ms: int) -> int:
     """A destination came back: users who gave up while it was down try again."""
     return conn.execute(

@@ -1,0 +1,68 @@
+# The two commands: `make run` starts the system, `make test` proves it.
+# Configuration comes from the environment (see README); an `.env` file is read if present.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+
+ifneq (,$(wildcard .env))
+include .env
+export
+endif
+
+.PHONY: install run worker beat flower migrate redis test test-postgresql test-sqlite lint clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+redis: install
+	@PYTHON=$(PY) scripts/ensure-redis
+
+migrate: install
+	$(PY) -m alembic upgrade head
+
+# Worker and beat in the foreground; Ctrl-C stops both.
+run: install redis migrate
+	@echo "starting worker and beat (Ctrl-C stops both)"
+	@trap 'kill 0' INT TERM; \
+	$(PY) worker.py & \
+	$(PY) beat.py & \
+	wait
+
+worker: install redis
+	$(PY) worker.py
+
+beat: install redis
+	$(PY) beat.py
+
+flower: install redis
+	$(PY) -m celery -A tasks.app flower --address=$${FLOWER_HOST:-127.0.0.1} --port=$${FLOWER_PORT:-5555}
+
+# The suite on PostgreSQL (the production target), then on SQLite (the embedded default).
+test: install
+	@command -v redis-server >/dev/null || PYTHON=$(PY) scripts/ensure-redis
+	@if $(PY) -c "import psycopg; psycopg.connect('host=127.0.0.1 port=5432 user=postgres dbname=postgres', connect_timeout=3).close()" 2>/dev/null; then \
+		$(MAKE) --no-print-directory test-postgresql test-sqlite; \
+	else \
+		echo "PostgreSQL does not answer on 127.0.0.1:5432: running the suite on SQLite only"; \
+		$(MAKE) --no-print-directory test-sqlite; \
+	fi
+
+test-postgresql: install
+	DIRECTORY_TEST_DB=postgresql $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-sqlite: install
+	DIRECTORY_TEST_DB=sqlite $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache
