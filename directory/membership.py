@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection
 
 from directory.dedup import UNSEEN, SeenState, observe
-from directory.events import InvalidEvent, MemberEvent, RoomStateEvent, parse_event
+from directory.events import (
+    InvalidEvent,
+    MemberEvent,
+    ProfileValue,
+    RoomStateEvent,
+    parse_event,
+)
 from directory.storage import entries, pending
 from directory.storage import rooms as room_store
 
@@ -90,11 +96,12 @@ def process_events(
     room_store.set_history_visibility(conn, history_visibility)
     # Only the last event per (room, user) decides the membership.
     final: dict[tuple[str, str], MemberEvent] = {(m.room_id, m.user_id): m for m in members}
+    changes = _changes_in_room(conn, members)
     local_suffix = ":" + server_name
     room_store.add_members(
         conn,
         (
-            (room_id, user_id, user_id.endswith(local_suffix))
+            (room_id, user_id, user_id.endswith(local_suffix), m.value)
             for (room_id, user_id), m in final.items()
             if m.membership == "join"
         ),
@@ -117,7 +124,7 @@ def process_events(
     to_fetch, created, deleted = reconcile_users(
         conn,
         affected,
-        ((m.user_id, m.room_id, m) for m in members if m.membership == "join"),
+        changes,
         now_ms=now_ms,
         profile_max_age_seconds=profile_max_age_seconds,
     )
@@ -127,10 +134,31 @@ def process_events(
     return outcome
 
 
+def _changes_in_room(
+    conn: Connection, members: list[MemberEvent]
+) -> list[tuple[str, str, ProfileValue]]:
+    """The joins that show a user in a room with a value that room had not shown before:
+    (user_id, room_id, value), in event order. A replayed event is no change, so a
+    replayed batch triggers nothing."""
+    joins = [m for m in members if m.membership == "join"]
+    current: dict[tuple[str, str], ProfileValue | None] = dict(
+        room_store.member_values(conn, {(m.room_id, m.user_id) for m in joins})
+    )
+    changes = []
+    for m in members:
+        key = (m.room_id, m.user_id)
+        if m.membership != "join":
+            current[key] = None
+        elif current.get(key) != m.value:
+            current[key] = m.value
+            changes.append((m.user_id, m.room_id, m.value))
+    return changes
+
+
 def reconcile_users(
     conn: Connection,
     affected: set[str],
-    join_observations: Iterable[tuple[str, str, MemberEvent]],
+    join_observations: Iterable[tuple[str, str, ProfileValue]],
     *,
     now_ms: int,
     profile_max_age_seconds: float,
@@ -148,10 +176,10 @@ def reconcile_users(
     states.update(existing)
     changed: set[str] = set()
     to_fetch = set(new_users)
-    for user_id, room_id, event in join_observations:
+    for user_id, room_id, value in join_observations:
         if user_id not in visible:
             continue
-        state, fetch = observe(states[user_id], room_id, event.value)
+        state, fetch = observe(states[user_id], room_id, value)
         if state != states[user_id]:
             states[user_id] = state
             changed.add(user_id)

@@ -41,13 +41,17 @@ rooms = Table(
 )
 
 # Current joined members of each room, as the events told us. Only joins are stored;
-# any other membership removes the row.
+# any other membership removes the row. displayname/avatar_url are the member event's
+# (possibly per-room) values: private, never shown, kept only to tell a change in this
+# room from a replay of what we already saw.
 room_members = Table(
     "room_members",
     metadata,
     Column("room_id", String(255), primary_key=True),
     Column("user_id", String(255), primary_key=True),
     Column("is_local", Boolean, nullable=False),
+    Column("displayname", Text),
+    Column("avatar_url", Text),
     Index("ix_room_members_user_id", "user_id"),
 )
 

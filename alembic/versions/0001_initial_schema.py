@@ -29,6 +29,8 @@ def upgrade() -> None:
         sa.Column("room_id", sa.String(255), nullable=False),
         sa.Column("user_id", sa.String(255), nullable=False),
         sa.Column("is_local", sa.Boolean, nullable=False),
+        sa.Column("displayname", sa.Text),
+        sa.Column("avatar_url", sa.Text),
         sa.PrimaryKeyConstraint("room_id", "user_id", name="pk_room_members"),
     )
     # "Which rooms is this user in?" for visibility and the searcher's shared rooms.

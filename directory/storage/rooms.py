@@ -5,8 +5,19 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
+from directory.events import ProfileValue
 from directory.models import room_members, rooms
 from directory.storage.common import chunks, insert_for
 
@@ -76,14 +87,45 @@ def recompute_flags(conn: Connection, room_ids: Collection[str]) -> None:
         )
 
 
-def add_members(conn: Connection, rows: Iterable[tuple[str, str, bool]]) -> None:
-    """Record joins: (room_id, user_id, is_local). Joining twice changes nothing."""
+def member_values(
+    conn: Connection, pairs: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], ProfileValue]:
+    """The values each (room, user) last showed in that room, for current joins."""
+    m = room_members.c
+    found: dict[tuple[str, str], ProfileValue] = {}
+    for batch in chunks(sorted(pairs)):
+        rows = conn.execute(
+            select(m.room_id, m.user_id, m.displayname, m.avatar_url).where(
+                tuple_(m.room_id, m.user_id).in_(list(batch))
+            )
+        )
+        for room_id, user_id, displayname, avatar_url in rows:
+            found[(room_id, user_id)] = ProfileValue(displayname, avatar_url)
+    return found
+
+
+def add_members(conn: Connection, rows: Iterable[tuple[str, str, bool, ProfileValue]]) -> None:
+    """Record joins: (room_id, user_id, is_local, value). Joining again updates the value."""
     for batch in chunks(rows):
+        stmt = insert_for(conn, room_members)
         conn.execute(
-            insert_for(conn, room_members).on_conflict_do_nothing(
-                index_elements=["room_id", "user_id"]
+            stmt.on_conflict_do_update(
+                index_elements=["room_id", "user_id"],
+                set_={
+                    "displayname": stmt.excluded.displayname,
+                    "avatar_url": stmt.excluded.avatar_url,
+                },
             ),
-            [{"room_id": r, "user_id": u, "is_local": local} for r, u, local in batch],
+            [
+                {
+                    "room_id": room_id,
+                    "user_id": user_id,
+                    "is_local": is_local,
+                    "displayname": value.displayname,
+                    "avatar_url": value.avatar_url,
+                }
+                for room_id, user_id, is_local, value in batch
+            ],
         )
 
 
@@ -118,8 +160,10 @@ def forget_members(conn: Connection, room_ids: Collection[str]) -> set[str]:
     return users
 
 
-def replace_members(conn: Connection, room_id: str, members: dict[str, bool]) -> set[str]:
-    """Make the room's member list exactly `members` (user_id -> is_local).
+def replace_members(
+    conn: Connection, room_id: str, members: dict[str, tuple[bool, ProfileValue]]
+) -> set[str]:
+    """Make the room's member list exactly `members` (user_id -> (is_local, value)).
 
     Returns every user whose membership of the room changed.
     """
@@ -129,5 +173,5 @@ def replace_members(conn: Connection, room_id: str, members: dict[str, bool]) ->
     gone = current - members.keys()
     new = members.keys() - current
     remove_members(conn, ((room_id, user) for user in gone))
-    add_members(conn, ((room_id, user, members[user]) for user in new))
+    add_members(conn, ((room_id, user, *members[user]) for user in new))
     return gone | new
