@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 LEADER_KEY = "ud:beat:leader"
 # Long enough to survive a slow tick, short enough that a standby takes over quickly.
-LEADER_TTL_MS = 30_000
+LEADER_TTL_MS = 10_000
 # A standby checks for a vanished leader this often (seconds).
 STANDBY_POLL_SECONDS = 2.0
 
