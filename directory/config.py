@@ -91,6 +91,23 @@ class Settings:
     # Threads per worker process: fetches are I/O bound.
     worker_concurrency: int = 16
 
+    # The HTTP server (appservice transactions, search, health, metrics).
+    http_host: str = "127.0.0.1"
+    http_port: int = 9080
+    # Search results per request are clamped to this, whatever the client asks.
+    search_max_limit: int = 50
+    # Per-user search rate: a bucket of SEARCH_RATE_BURST refilled at this rate.
+    search_rate_per_second: float = 5.0
+    search_rate_burst: int = 20
+    # A verified access token is trusted this long before asking the homeserver again;
+    # a rejected one is remembered only briefly (it may be brand new on the homeserver).
+    token_cache_seconds: float = 60.0
+    token_failure_cache_seconds: float = 1.0
+    # Largest appservice transaction body accepted (Synapse sends at most 100 events).
+    max_transaction_bytes: int = 16 * 1024 * 1024
+    # Processed transaction ids are remembered this long, to answer replays.
+    transaction_retention_seconds: float = 7 * 24 * 3600.0
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

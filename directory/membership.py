@@ -120,6 +120,7 @@ def process_events(
     for (room_id, user_id), m in final.items():
         if room_id in became_visible and m.membership == "join" and user_id.endswith(local_suffix):
             outcome.rooms_to_backfill.setdefault(room_id, user_id)
+    room_store.mark_backfill(conn, outcome.rooms_to_backfill)
 
     to_fetch, created, deleted = reconcile_users(
         conn,

@@ -38,6 +38,10 @@ rooms = Table(
     Column("history_visibility", String(64)),
     Column("is_public", Boolean, nullable=False, server_default=false()),
     Column("is_visible", Boolean, nullable=False, server_default=false()),
+    # Set while the room's existing members are unknown (our server just joined it):
+    # the local member to read them as. Cleared by the backfill.
+    Column("backfill_as", String(255)),
+    Index("ix_rooms_backfill_as", "backfill_as"),
 )
 
 # Current joined members of each room, as the events told us. Only joins are stored;
@@ -117,4 +121,15 @@ destinations = Table(
     Column("last_success_ms", BigInteger),
     Column("last_failure_ms", BigInteger),
     Column("last_error", Text),
+)
+
+# Appservice transactions already processed: the homeserver retries a transaction until
+# it gets a 200, and a replay must not be processed twice.
+appservice_transactions = Table(
+    "appservice_transactions",
+    metadata,
+    Column("txn_id", String(255), primary_key=True),
+    Column("received_at_ms", BigInteger, nullable=False),
+    Column("events", Integer, nullable=False),
+    Index("ix_appservice_transactions_received_at_ms", "received_at_ms"),
 )

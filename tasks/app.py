@@ -33,7 +33,11 @@ VISIBILITY_TIMEOUT_SECONDS = 3600
 
 settings = get_settings()
 
-app = Celery("directory", broker=settings.redis_url, include=["tasks.fetch", "tasks.maintenance"])
+app = Celery(
+    "directory",
+    broker=settings.redis_url,
+    include=["tasks.events", "tasks.fetch", "tasks.maintenance"],
+)
 app.conf.update(
     task_queues=[Queue(name, Exchange(name), routing_key=name) for name in ALL_QUEUES],
     task_default_queue=MAINTENANCE_QUEUE,
@@ -66,10 +70,10 @@ app.conf.update(
 @signals.worker_ready.connect
 def rebuild_queue_on_start(**_kwargs: object) -> None:
     """Whatever the broker lost (a restart, a flush), the pending table still has."""
-    from tasks.maintenance import publish_due_fetches
+    from tasks.maintenance import publish_due_work
 
     try:
-        published = publish_due_fetches()
+        published = publish_due_work()
         logger.info("worker start: queued fetches for %d destinations", published)
     except Exception:
         logger.exception("worker start: could not rebuild the queue; beat will retry")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from directory.clock import now_ms
 from directory.membership import BatchOutcome, process_events
-from tasks.outbox import publish_fetches
+from tasks.outbox import publish_outcome
 from tasks.resources import get_resources
 
 
@@ -22,5 +22,5 @@ def ingest_events(events: Sequence[object]) -> BatchOutcome:
             now_ms=now_ms(),
             profile_max_age_seconds=settings.profile_max_age_seconds,
         )
-    publish_fetches(outcome.fetch_servers)
+    publish_outcome(outcome)
     return outcome

@@ -6,8 +6,9 @@ import logging
 
 from directory import maintenance
 from directory.clock import now_ms
+from directory.storage import transactions
 from tasks.app import app
-from tasks.outbox import publish_due_fetches, publish_fetches
+from tasks.outbox import publish_due_work, publish_fetches
 from tasks.resources import get_resources
 
 logger = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 @app.task(name="tasks.maintenance.reconcile")
 def reconcile() -> int:
     """Republish every due fetch: repairs lost publishes, expired leases, ended backoffs."""
-    return publish_due_fetches()
+    return publish_due_work()
 
 
 @app.task(name="tasks.maintenance.refresh_profiles")
@@ -30,9 +31,12 @@ def refresh_profiles() -> int:
 
 @app.task(name="tasks.maintenance.prune_entries")
 def prune_entries() -> int:
+    """Remove orphaned entries, and transaction ids too old to be replayed."""
     resources = get_resources()
+    retention_ms = int(resources.settings.transaction_retention_seconds * 1000)
     with resources.engine.begin() as conn:
         pruned = maintenance.prune_orphans(conn)
+        transactions.forget_before(conn, now_ms() - retention_ms)
     if pruned:
         logger.warning("pruned %d entries of users in no visible room", pruned)
     return pruned

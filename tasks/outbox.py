@@ -13,23 +13,53 @@ import math
 from collections.abc import Iterable
 
 from directory.clock import now_ms
+from directory.membership import BatchOutcome
 from directory.storage import pending
-from tasks.app import FETCH_QUEUE, app
+from directory.storage import rooms as room_store
+from tasks.app import EVENTS_QUEUE, FETCH_QUEUE, app
 from tasks.resources import get_resources
 
 logger = logging.getLogger(__name__)
 
 FETCH_TASK = "tasks.fetch.fetch_destination"
+BACKFILL_TASK = "tasks.events.backfill_room"
 # How long a "tasks already queued for this destination" mark lives without a run
 # clearing it: after this, reconciliation may publish again (the runs were lost).
 QUEUED_MARK_TTL_MS = 30_000
 # A retry due within this long gets a delayed task; later ones wait for reconciliation.
 # Far below the broker's visibility timeout (tasks/app.py).
 FOLLOW_UP_HORIZON_MS = 60_000
+# Rooms whose backfill is republished per reconciliation run.
+BACKFILLS_PER_RUN = 500
 
 
 def queued_key(server_name: str) -> str:
     return f"ud:dest:{server_name}:queued"
+
+
+def backfill_queued_key(room_id: str) -> str:
+    return f"ud:backfill:{room_id}:queued"
+
+
+def publish_outcome(outcome: BatchOutcome) -> None:
+    """Everything a committed batch asks for: fetches, and backfills of joined rooms."""
+    publish_fetches(outcome.fetch_servers)
+    publish_backfills(outcome.rooms_to_backfill)
+
+
+def publish_backfills(room_ids: Iterable[str]) -> int:
+    resources = get_resources()
+    sent = 0
+    for room_id in room_ids:
+        try:
+            if resources.redis.set(backfill_queued_key(room_id), 1, nx=True, px=QUEUED_MARK_TTL_MS):
+                app.send_task(BACKFILL_TASK, args=(room_id,), queue=EVENTS_QUEUE)
+                sent += 1
+        except Exception:
+            logger.warning(
+                "could not publish a backfill of %s; reconciliation will", room_id, exc_info=True
+            )
+    return sent
 
 
 def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = None) -> int:
@@ -82,9 +112,12 @@ def destination_drained(server_name: str) -> None:
             logger.warning("could not schedule a follow-up for %s", server_name, exc_info=True)
 
 
-def publish_due_fetches() -> int:
-    """Queue runs for every destination with due users (reconciliation, worker start)."""
+def publish_due_work() -> int:
+    """Queue everything the database says is due: fetch runs for every destination with
+    due users, and backfills of rooms still waiting for one (reconciliation, worker
+    start)."""
     resources = get_resources()
     with resources.engine.connect() as conn:
         due = dict(pending.due_by_server(conn, now_ms()))
-    return publish_fetches(due, due)
+        rooms = [room for room, _ in room_store.awaiting_backfill(conn, BACKFILLS_PER_RUN)]
+    return publish_fetches(due, due) + publish_backfills(rooms)

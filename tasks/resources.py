@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy import Engine
 
+from directory.backfill import RoomReader
 from directory.config import Settings, get_settings
 from directory.db import make_engine
 from directory.profile_client import ProfileClient
@@ -24,6 +25,7 @@ class Resources:
     engine: Engine
     redis: redis.Redis
     profiles: ProfileClient
+    rooms: RoomReader
 
 
 _lock = threading.Lock()
@@ -44,6 +46,7 @@ def get_resources() -> Resources:
                         settings.redis_url, socket_timeout=10, socket_connect_timeout=5
                     ),
                     profiles=ProfileClient(settings),
+                    rooms=RoomReader(settings),
                 ),
             )
         return _resources[1]

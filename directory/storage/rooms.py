@@ -175,3 +175,44 @@ def replace_members(
     remove_members(conn, ((room_id, user) for user in gone))
     add_members(conn, ((room_id, user, *members[user]) for user in new))
     return gone | new
+
+
+def mark_backfill(conn: Connection, rooms_as: dict[str, str]) -> None:
+    """Remember that these rooms' existing members must be loaded, reading as the user."""
+    if rooms_as:
+        conn.execute(
+            update(rooms)
+            .where(rooms.c.room_id == bindparam("rid"))
+            .values(backfill_as=bindparam("as_user")),
+            [{"rid": room_id, "as_user": user} for room_id, user in rooms_as.items()],
+        )
+
+
+def awaiting_backfill(conn: Connection, limit: int) -> list[tuple[str, str]]:
+    return [
+        (room_id, as_user)
+        for room_id, as_user in conn.execute(
+            select(rooms.c.room_id, rooms.c.backfill_as)
+            .where(rooms.c.backfill_as.is_not(None))
+            .order_by(rooms.c.room_id)
+            .limit(limit)
+        )
+    ]
+
+
+def backfill_reader(conn: Connection, room_id: str) -> str | None:
+    return conn.scalar(select(rooms.c.backfill_as).where(rooms.c.room_id == room_id))
+
+
+def local_members(conn: Connection, room_id: str) -> list[str]:
+    return list(
+        conn.scalars(
+            select(room_members.c.user_id)
+            .where(room_members.c.room_id == room_id, room_members.c.is_local)
+            .order_by(room_members.c.user_id)
+        )
+    )
+
+
+def clear_backfill(conn: Connection, room_id: str) -> None:
+    conn.execute(update(rooms).where(rooms.c.room_id == room_id).values(backfill_as=None))

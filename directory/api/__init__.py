@@ -1,0 +1,1 @@
+"""The HTTP API (Starlette): appservice ingress, Matrix search, health and metrics."""

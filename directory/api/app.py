@@ -1,0 +1,256 @@
+"""The HTTP server: appservice transactions in, user-directory search out, plus health
+and metrics. Database work runs in a thread pool; nothing slow (profile fetching)
+happens inside a request.
+
+The app does not publish Celery tasks itself (the domain never imports Celery): the
+entry point hands it a `publish` callable, called after each batch commits.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import Engine, func, select, text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from directory.api.auth import TokenVerifier
+from directory.api.body import bearer_token, read_json_object
+from directory.api.errors import MatrixError
+from directory.api.ratelimit import RateLimiter
+from directory.clock import now_ms
+from directory.config import Settings
+from directory.membership import BatchOutcome, process_events
+from directory.models import user_directory
+from directory.search import search_directory
+from directory.storage import pending, transactions
+
+logger = logging.getLogger(__name__)
+
+MAX_TXN_ID_LENGTH = 255
+MAX_SEARCH_BODY_BYTES = 64 * 1024
+
+Publisher = Callable[[BatchOutcome], None]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.transactions = Counter(
+            "directory_transactions", "Appservice transactions", ["result"], registry=self.registry
+        )
+        self.events = Counter(
+            "directory_events", "Events received", ["result"], registry=self.registry
+        )
+        self.searches = Counter(
+            "directory_searches", "Search requests", ["status"], registry=self.registry
+        )
+        self.search_seconds = Histogram(
+            "directory_search_seconds", "Search latency", registry=self.registry
+        )
+        self.entries = Gauge("directory_entries", "Directory entries", registry=self.registry)
+        self.pending = Gauge(
+            "directory_pending_fetches",
+            "Pending profile fetches",
+            ["state"],
+            registry=self.registry,
+        )
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    redis_client: aioredis.Redis,
+    publish: Publisher,
+    verifier: TokenVerifier | None = None,
+) -> Starlette:
+    verifier = verifier or TokenVerifier(settings)
+    limiter = RateLimiter(redis_client, settings.search_rate_per_second, settings.search_rate_burst)
+    metrics = Metrics()
+    hs_token = settings.hs_token.encode()
+
+    def process_transaction(txn_id: str, events: list[Any]) -> BatchOutcome | None:
+        with engine.begin() as conn:
+            if not transactions.record(conn, txn_id, now_ms(), len(events)):
+                return None
+            outcome = process_events(
+                conn,
+                events,
+                server_name=settings.server_name,
+                now_ms=now_ms(),
+                profile_max_age_seconds=settings.profile_max_age_seconds,
+            )
+        # Committed: the homeserver may forget this transaction once we answer.
+        publish(outcome)
+        return outcome
+
+    def check_homeserver(request: Request) -> None:
+        token = bearer_token(request)
+        if not hs_token or token is None or not hmac.compare_digest(token.encode(), hs_token):
+            raise MatrixError(403, "M_FORBIDDEN", "Bad hs_token")
+
+    async def put_transaction(request: Request) -> Response:
+        check_homeserver(request)
+        txn_id = request.path_params["txn_id"]
+        if len(txn_id) > MAX_TXN_ID_LENGTH:
+            raise MatrixError(400, "M_INVALID_PARAM", "transaction id too long")
+        body = await read_json_object(request, settings.max_transaction_bytes)
+        events = body.get("events", [])
+        if not isinstance(events, list):
+            raise MatrixError(400, "M_BAD_JSON", "events must be a list")
+        outcome = await run_in_threadpool(process_transaction, txn_id, events)
+        if outcome is None:
+            metrics.transactions.labels("replayed").inc()
+        else:
+            metrics.transactions.labels("processed").inc()
+            metrics.events.labels("processed").inc(outcome.events - outcome.invalid)
+            metrics.events.labels("invalid").inc(outcome.invalid)
+        return JSONResponse({})
+
+    async def ping(request: Request) -> Response:
+        check_homeserver(request)
+        return JSONResponse({})
+
+    async def query_unknown(request: Request) -> Response:
+        # We create no users or rooms: whatever the homeserver asks about is unknown.
+        check_homeserver(request)
+        raise MatrixError(404, "M_NOT_FOUND", "This appservice provides no users or rooms")
+
+    def run_search(searcher: str, term: str, limit: int) -> dict[str, Any]:
+        with engine.connect() as conn:
+            result = search_directory(
+                conn, searcher, term, limit, search_all_users=settings.search_all_users
+            )
+        hits = []
+        for hit in result.results:
+            item: dict[str, Any] = {"user_id": hit.user_id, "display_name": hit.display_name}
+            if hit.avatar_url is not None:
+                item["avatar_url"] = hit.avatar_url
+            hits.append(item)
+        return {"results": hits, "limited": result.limited}
+
+    async def post_search(request: Request) -> Response:
+        started = time.perf_counter()
+        searcher = await verifier.user_for(bearer_token(request))
+        wait = await limiter.take(f"search:{searcher}")
+        if wait is not None:
+            raise MatrixError(
+                429,
+                "M_LIMIT_EXCEEDED",
+                "Too many requests",
+                headers={"Retry-After": str(math.ceil(wait))},
+                retry_after_ms=int(wait * 1000),
+            )
+        body = await read_json_object(request, MAX_SEARCH_BODY_BYTES)
+        term = body.get("search_term")
+        if not isinstance(term, str):
+            raise MatrixError(400, "M_BAD_JSON", "search_term must be a string")
+        limit = body.get("limit", 10)
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise MatrixError(400, "M_BAD_JSON", "limit must be an integer")
+        limit = max(0, min(limit, settings.search_max_limit))
+        answer = await run_in_threadpool(run_search, searcher, term, limit)
+        metrics.search_seconds.observe(time.perf_counter() - started)
+        metrics.searches.labels("200").inc()
+        return JSONResponse(answer)
+
+    def check_database() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    async def health(_request: Request) -> Response:
+        status: dict[str, str] = {}
+        try:
+            await run_in_threadpool(check_database)
+            status["database"] = "ok"
+        except Exception as exc:  # any failure is "not healthy", with its reason
+            status["database"] = f"error: {type(exc).__name__}"
+        try:
+            await redis_client.ping()
+            status["redis"] = "ok"
+        except Exception as exc:
+            status["redis"] = f"error: {type(exc).__name__}"
+        healthy = all(v == "ok" for v in status.values())
+        return JSONResponse(status, status_code=200 if healthy else 503)
+
+    def read_gauges() -> None:
+        with engine.connect() as conn:
+            metrics.entries.set(conn.scalar(select(func.count()).select_from(user_directory)))
+            summary = pending.summary(conn, now_ms())
+        metrics.pending.labels("due").set(summary.due)
+        metrics.pending.labels("waiting").set(summary.waiting)
+        metrics.pending.labels("given_up").set(summary.given_up)
+
+    async def prometheus(_request: Request) -> Response:
+        try:
+            await run_in_threadpool(read_gauges)
+        except Exception:
+            logger.warning("metrics: database unreachable", exc_info=True)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def matrix_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, MatrixError)
+        if exc.status == 429 or exc.status >= 500 or exc.status == 401:
+            metrics.searches.labels(str(exc.status)).inc()
+        return exc.response()
+
+    async def not_found(_request: Request, _exc: Exception) -> Response:
+        return MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request").response()
+
+    async def method_not_allowed(_request: Request, _exc: Exception) -> Response:
+        return MatrixError(405, "M_UNRECOGNIZED", "Method not allowed").response()
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette):
+        yield
+        await verifier.close()
+
+    routes = [
+        Route("/_matrix/app/v1/transactions/{txn_id}", put_transaction, methods=["PUT"]),
+        # Homeservers from before the v1 prefix.
+        Route("/transactions/{txn_id}", put_transaction, methods=["PUT"]),
+        Route("/_matrix/app/v1/ping", ping, methods=["POST"]),
+        Route("/_matrix/app/v1/users/{user_id}", query_unknown, methods=["GET"]),
+        Route("/_matrix/app/v1/rooms/{alias}", query_unknown, methods=["GET"]),
+        Route("/users/{user_id}", query_unknown, methods=["GET"]),
+        Route("/rooms/{alias}", query_unknown, methods=["GET"]),
+        Route("/_matrix/client/v3/user_directory/search", post_search, methods=["POST"]),
+        Route("/_matrix/client/r0/user_directory/search", post_search, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        # Browser clients (Element Web) call search from another origin, as they do
+        # the homeserver's own endpoints.
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=["*"],
+                allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "X-Requested-With"],
+            )
+        ],
+        exception_handlers={MatrixError: matrix_error, 404: not_found, 405: method_not_allowed},
+        lifespan=lifespan,
+    )

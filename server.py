@@ -1,0 +1,40 @@
+"""HTTP server entry point: `python server.py`.
+
+Serves the appservice API (transactions from the homeserver), the Matrix
+user-directory search, /health and /metrics on HTTP_HOST:HTTP_PORT.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+import uvicorn
+
+from directory.api.app import create_app
+from tasks.outbox import publish_outcome
+from tasks.resources import get_resources
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    resources = get_resources()
+    settings = resources.settings
+    app = create_app(
+        settings,
+        resources.engine,
+        aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5),
+        publish_outcome,
+    )
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="info",
+        # Searches go through the operator's reverse proxy; trust its X-Forwarded-For.
+        proxy_headers=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

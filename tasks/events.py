@@ -1,0 +1,68 @@
+"""Event-side tasks: loading the existing members of a room our server just joined."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+
+from directory.backfill import HomeserverUnavailable, RoomUnreadable, apply_snapshot
+from directory.clock import now_ms
+from directory.storage import rooms as room_store
+from tasks.app import app
+from tasks.outbox import publish_outcome
+from tasks.resources import get_resources
+
+logger = logging.getLogger(__name__)
+
+# Retries of an unreachable homeserver: 5 s doubling to 5 min, well under the broker's
+# visibility timeout. After the last one the room stays marked in the database and
+# reconciliation tries again.
+MAX_BACKFILL_RETRIES = 8
+MAX_BACKFILL_DELAY_S = 300
+
+
+@app.task(
+    name="tasks.events.backfill_room",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=MAX_BACKFILL_RETRIES,
+)
+def backfill_room(self: Task, room_id: str) -> int:
+    resources = get_resources()
+    settings = resources.settings
+    with resources.engine.connect() as conn:
+        reader = room_store.backfill_reader(conn, room_id)
+        if reader is None:
+            return 0  # done already (this task ran twice)
+        candidates = [reader, *(u for u in room_store.local_members(conn, room_id) if u != reader)]
+    snapshot = None
+    for as_user in candidates:
+        try:
+            snapshot = resources.rooms.read(room_id, as_user)
+            break
+        except RoomUnreadable as exc:
+            logger.info("cannot read %s as %s: %s", room_id, as_user, exc)
+        except HomeserverUnavailable as exc:
+            delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
+            raise self.retry(exc=exc, countdown=delay) from exc
+    with resources.engine.begin() as conn:
+        if snapshot is None:
+            # No local member can read it any more: whatever we know stays as events
+            # left it, and the mark goes so we stop asking.
+            room_store.clear_backfill(conn, room_id)
+            return 0
+        outcome = apply_snapshot(
+            conn,
+            room_id,
+            snapshot,
+            server_name=settings.server_name,
+            now_ms=now_ms(),
+            profile_max_age_seconds=settings.profile_max_age_seconds,
+        )
+    publish_outcome(outcome)
+    logger.info(
+        "backfilled %s: %d members, %d new entries", room_id, len(snapshot.joined), outcome.created
+    )
+    return len(snapshot.joined)
