@@ -14,12 +14,13 @@ def record(conn: Connection, txn_id: str, now_ms: int, events: int) -> bool:
     A concurrent duplicate waits on the first one's row lock and then finds it, so a
     transaction is processed once even when the homeserver retries mid-request.
     """
-    result = conn.execute(
+    inserted = conn.execute(
         insert_for(conn, appservice_transactions)
-        .on_conflict_do_nothing(index_elements=["txn_id"])
         .values(txn_id=txn_id, received_at_ms=now_ms, events=events)
-    )
-    return result.rowcount > 0
+        .on_conflict_do_nothing(index_elements=["txn_id"])
+        .returning(appservice_transactions.c.txn_id)
+    ).first()
+    return inserted is not None
 
 
 def forget_before(conn: Connection, before_ms: int) -> int:

@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
 PROFILE_PREFIX = "/_matrix/client/v3/profile/"
+WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
+ROOMS_PREFIX = "/_matrix/client/v3/rooms/"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,19 @@ class _State:
     max_in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rate_limited: int = 0
     connections: set[socket.socket] = field(default_factory=set)
+    tokens: dict[str, str] = field(default_factory=dict)
+    whoami_calls: int = 0
+    rooms: dict[str, FakeRoom] = field(default_factory=dict)
+    room_reads: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class FakeRoom:
+    """A room's current state as the client API shows it to a member."""
+
+    members: dict[str, dict[str, str]]  # user_id -> {"display_name", "avatar_url"}
+    join_rule: str = "invite"
+    history_visibility: str = "shared"
 
 
 class _Server(ThreadingHTTPServer):
@@ -156,9 +171,45 @@ class _Handler(BaseHTTPRequestHandler):
             # The client went away (timeout, size cap): nothing to answer any more.
             self.close_connection = True
 
+    def _whoami(self) -> None:
+        state = self.server.state
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        with state.lock:
+            state.whoami_calls += 1
+            user_id = state.tokens.get(token)
+        if user_id is None:
+            self._send_json(None, 401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
+        else:
+            self._send_json(None, 200, {"user_id": user_id})
+
+    def _room(self, path: str) -> None:
+        state = self.server.state
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        as_user = (query.get("user_id") or [""])[0]
+        room_id, _, rest = urllib.parse.unquote(path[len(ROOMS_PREFIX) :]).partition("/")
+        with state.lock:
+            state.room_reads.append((room_id, as_user))
+            room = state.rooms.get(room_id)
+        if room is None or as_user not in room.members:
+            self._send_json(None, 403, {"errcode": "M_FORBIDDEN", "error": "Not in room"})
+        elif rest == "joined_members":
+            self._send_json(None, 200, {"joined": room.members})
+        elif rest == "state/m.room.join_rules/":
+            self._send_json(None, 200, {"join_rule": room.join_rule})
+        elif rest == "state/m.room.history_visibility/":
+            self._send_json(None, 200, {"history_visibility": room.history_visibility})
+        else:
+            self._send_json(None, 404, {"errcode": "M_NOT_FOUND", "error": "Not found"})
+
     def _route(self) -> None:
         state = self.server.state
         path = self.path.split("?", 1)[0]
+        if path == WHOAMI_PATH:
+            self._whoami()
+            return
+        if path.startswith(ROOMS_PREFIX):
+            self._room(path)
+            return
         if not path.startswith(PROFILE_PREFIX) or "/" in path[len(PROFILE_PREFIX) :]:
             self._send_json(None, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"})
             return
@@ -353,6 +404,25 @@ class FakeHomeserver:
             profile["avatar_url"] = avatar_url
         with self._state.lock:
             self._state.profiles[user_id] = profile
+
+    def set_token(self, token: str, user_id: str) -> None:
+        """`whoami` with this access token answers this user."""
+        with self._state.lock:
+            self._state.tokens[token] = user_id
+
+    @property
+    def whoami_calls(self) -> int:
+        with self._state.lock:
+            return self._state.whoami_calls
+
+    def set_room(self, room_id: str, room: FakeRoom) -> None:
+        with self._state.lock:
+            self._state.rooms[room_id] = room
+
+    @property
+    def room_reads(self) -> list[tuple[str, str]]:
+        with self._state.lock:
+            return list(self._state.room_reads)
 
     def remove_profile(self, user_id: str) -> None:
         """The user is unknown again: 404 M_NOT_FOUND."""

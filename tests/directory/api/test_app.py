@@ -1,0 +1,202 @@
+"""The HTTP API as a homeserver and clients see it: the appservice transaction contract
+(auth, durability before the 200, replays, bad input losing nothing) and the Matrix
+search endpoint (auth through whoami, the spec's shape, limits, rate limiting)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, select
+
+from directory.config import Settings
+from directory.models import user_directory
+from tests.conftest import SERVER_NAME, with_settings
+from tests.directory.api.conftest import RunningApi, serve
+from tests.support.events import join_rules, member
+from tests.support.fake_homeserver import FakeHomeserver
+
+ALICE = "@alice:remote.test"
+BOB = f"@bob:{SERVER_NAME}"
+EVE = f"@eve:{SERVER_NAME}"
+HS = {"Authorization": "Bearer hs-secret"}
+
+
+def put(api: RunningApi, txn: str, body: object, headers: dict | None = None, **kw):
+    with api.client() as client:
+        return client.put(
+            f"/_matrix/app/v1/transactions/{txn}",
+            json=body,
+            headers=HS if headers is None else headers,
+            **kw,
+        )
+
+
+def entry_ids(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.scalars(select(user_directory.c.user_id)))
+
+
+def test_a_transaction_needs_the_hs_token(api: RunningApi, db: Engine) -> None:
+    body = {"events": [member("!r:x", BOB)]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "hs-secret"}):
+        response = put(api, "t1", body, headers)
+        assert response.status_code == 403
+        assert response.json()["errcode"] == "M_FORBIDDEN"
+    assert entry_ids(db) == set()
+    with api.client() as client:
+        legacy = client.put("/transactions/t2?access_token=hs-secret", json=body)
+    assert legacy.status_code == 200 and legacy.json() == {}
+    assert entry_ids(db) == {BOB}
+
+
+def test_a_transaction_is_committed_before_the_200(api: RunningApi, db: Engine) -> None:
+    response = put(api, "t1", {"events": [member("!r:x", BOB), member("!r:x", ALICE)]})
+    assert response.status_code == 200 and response.json() == {}
+    assert entry_ids(db) == {BOB, ALICE}  # readable by anyone the moment we answered
+    assert api.published.outcomes[0].fetch_servers == {"remote.test", SERVER_NAME}
+
+
+def test_a_replayed_transaction_is_answered_but_not_processed_again(
+    api: RunningApi, db: Engine
+) -> None:
+    assert put(api, "t1", {"events": [member("!r:x", BOB)]}).status_code == 200
+    # Same id, different content: it is a replay by definition; nothing of it applies.
+    assert put(api, "t1", {"events": [member("!r:x", ALICE)]}).status_code == 200
+    assert entry_ids(db) == {BOB}
+    assert len(api.published.outcomes) == 1
+
+
+def test_bad_bodies_get_matrix_errors(api: RunningApi, db: Engine) -> None:
+    with api.client() as client:
+        not_json = client.put("/_matrix/app/v1/transactions/t1", content=b"{oops", headers=HS)
+    assert not_json.status_code == 400 and not_json.json()["errcode"] == "M_NOT_JSON"
+    for body in ([1, 2], {"events": {"a": 1}}, "text"):
+        response = put(api, "t2", body)
+        assert response.status_code == 400 and response.json()["errcode"] == "M_BAD_JSON"
+    # A rejected body did not consume its transaction id.
+    assert put(api, "t2", {"events": [member("!r:x", BOB)]}).status_code == 200
+    assert entry_ids(db) == {BOB}
+
+
+def test_an_invalid_event_is_skipped_and_the_rest_processed(api: RunningApi, db: Engine) -> None:
+    events = [
+        member("!r:x", BOB),
+        {"type": "m.room.member", "state_key": 7},
+        "junk",
+        member("!r:x", ALICE),
+    ]
+    assert put(api, "t1", {"events": events}).status_code == 200
+    assert entry_ids(db) == {BOB, ALICE}
+    assert api.published.outcomes[0].invalid == 2
+
+
+@pytest.fixture
+def small_api(
+    api_settings: Settings, db: Engine, redis_client: object, homeserver: FakeHomeserver
+) -> Iterator[RunningApi]:
+    yield from serve(with_settings(api_settings, max_transaction_bytes=2000), db, homeserver)
+
+
+def test_an_oversized_transaction_is_refused(small_api: RunningApi, db: Engine) -> None:
+    events = [member(f"!r{i}:x", BOB) for i in range(50)]
+    response = put(small_api, "t1", {"events": events})
+    assert response.status_code == 413 and response.json()["errcode"] == "M_TOO_LARGE"
+    assert entry_ids(db) == set()
+
+
+def search(api: RunningApi, body: object, token: str | None = "eve-token"):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with api.client() as client:
+        return client.post("/_matrix/client/v3/user_directory/search", json=body, headers=headers)
+
+
+def test_search_needs_a_token_the_homeserver_knows(api: RunningApi) -> None:
+    missing = search(api, {"search_term": "a"}, token=None)
+    assert missing.status_code == 401 and missing.json()["errcode"] == "M_MISSING_TOKEN"
+    unknown = search(api, {"search_term": "a"}, token="nope")
+    assert unknown.status_code == 401 and unknown.json()["errcode"] == "M_UNKNOWN_TOKEN"
+
+
+def test_search_answers_in_the_spec_shape_as_the_caller(api: RunningApi) -> None:
+    api.homeserver.set_token("eve-token", EVE)
+    api.homeserver.set_token("bob-token", BOB)
+    events = [join_rules("!pub:x", "public"), member("!pub:x", EVE), member("!priv:x", BOB)]
+    events += [member("!pub:x", f"@alice{i}:remote.test") for i in range(15)]
+    events += [member("!priv:x", "@alicia:remote.test")]
+    assert put(api, "t1", {"events": events}).status_code == 200
+
+    response = search(api, {"search_term": "ALICE"})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"results", "limited"}
+    assert len(body["results"]) == 10 and body["limited"] is True  # default limit 10
+    assert all(set(hit) == {"user_id", "display_name"} for hit in body["results"])
+    assert "@alicia:remote.test" not in {hit["user_id"] for hit in body["results"]}
+
+    everything = search(api, {"search_term": "alice", "limit": 1000}).json()
+    assert len(everything["results"]) == 15 and everything["limited"] is False
+    as_bob = search(api, {"search_term": "alicia"}, token="bob-token").json()
+    assert [hit["user_id"] for hit in as_bob["results"]] == ["@alicia:remote.test"]
+    assert api.homeserver.whoami_calls == 2  # one per token, then cached
+
+
+def test_search_limit_is_clamped(api: RunningApi) -> None:
+    api.homeserver.set_token("eve-token", EVE)
+    events = [join_rules("!pub:x", "public"), member("!pub:x", EVE)]
+    events += [member("!pub:x", f"@user{i}:remote.test") for i in range(60)]
+    put(api, "t1", {"events": events})
+    body = search(api, {"search_term": "user", "limit": 500}).json()
+    assert len(body["results"]) == api.settings.search_max_limit == 50 and body["limited"]
+
+
+def test_bad_search_bodies_get_matrix_errors(api: RunningApi) -> None:
+    api.homeserver.set_token("eve-token", EVE)
+    for body, code in (
+        ({}, "M_BAD_JSON"),
+        ({"search_term": 5}, "M_BAD_JSON"),
+        ({"search_term": "a", "limit": "5"}, "M_BAD_JSON"),
+        ([], "M_BAD_JSON"),
+    ):
+        response = search(api, body)
+        assert response.status_code == 400 and response.json()["errcode"] == code, body
+    with api.client() as client:
+        raw = client.post(
+            "/_matrix/client/v3/user_directory/search",
+            content=b"nope",
+            headers={"Authorization": "Bearer eve-token"},
+        )
+    assert raw.status_code == 400 and raw.json()["errcode"] == "M_NOT_JSON"
+
+
+@pytest.fixture
+def strict_api(
+    api_settings: Settings, db: Engine, redis_client: object, homeserver: FakeHomeserver
+) -> Iterator[RunningApi]:
+    limited = with_settings(api_settings, search_rate_burst=3, search_rate_per_second=0.5)
+    yield from serve(limited, db, homeserver)
+
+
+def test_search_is_rate_limited_per_user(strict_api: RunningApi) -> None:
+    strict_api.homeserver.set_token("eve-token", EVE)
+    strict_api.homeserver.set_token("bob-token", BOB)
+    statuses = [search(strict_api, {"search_term": "x"}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    refused = search(strict_api, {"search_term": "x"})
+    assert refused.json()["errcode"] == "M_LIMIT_EXCEEDED"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["retry_after_ms"] > 0
+    assert search(strict_api, {"search_term": "x"}, token="bob-token").status_code == 200
+
+
+def test_health_and_metrics(api: RunningApi) -> None:
+    put(api, "t1", {"events": [member("!r:x", BOB)]})
+    with api.client() as client:
+        health = client.get("/health")
+        metrics = client.get("/metrics")
+        unknown = client.get("/nothing/here")
+    assert health.status_code == 200 and health.json() == {"database": "ok", "redis": "ok"}
+    assert 'directory_transactions_total{result="processed"} 1.0' in metrics.text
+    assert 'directory_pending_fetches{state="due"} 1.0' in metrics.text
+    assert "directory_entries 1.0" in metrics.text
+    assert unknown.status_code == 404 and unknown.json()["errcode"] == "M_UNRECOGNIZED"
