@@ -72,9 +72,7 @@ def test_entries_of_users_in_no_visible_room_are_pruned(
     assert entry(db, BOB) is not None
 
 
-def test_a_second_beat_waits_instead_of_sending_twice(
-    db: Engine, processes: ProcessGroup
-) -> None:
+def test_a_second_beat_waits_instead_of_sending_twice(db: Engine, processes: ProcessGroup) -> None:
     processes.env.update(RECONCILE_INTERVAL_SECONDS="0.5")
     processes.start_beat("beat1")
     processes.start_beat("beat2")
