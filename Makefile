@@ -11,7 +11,7 @@ include .env
 export
 endif
 
-.PHONY: install run worker beat flower migrate redis test test-postgresql test-sqlite lint clean
+.PHONY: install run server worker beat flower migrate redis registration test test-postgresql test-sqlite lint clean
 
 install: $(STAMP)
 
@@ -27,13 +27,20 @@ redis: install
 migrate: install
 	$(PY) -m alembic upgrade head
 
-# Worker and beat in the foreground; Ctrl-C stops both.
+# The HTTP server, a worker and beat in the foreground; Ctrl-C stops all three.
 run: install redis migrate
-	@echo "starting worker and beat (Ctrl-C stops both)"
+	@echo "starting the HTTP server, a worker and beat (Ctrl-C stops them)"
 	@trap 'kill 0' INT TERM; \
+	$(PY) server.py & \
 	$(PY) worker.py & \
 	$(PY) beat.py & \
 	wait
+
+server: install redis
+	$(PY) server.py
+
+registration: install
+	@$(PY) -m directory registration
 
 worker: install redis
 	$(PY) worker.py
