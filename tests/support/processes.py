@@ -67,6 +67,14 @@ class ProcessGroup:
             what=f"{name} to be ready (log: {log})",
         )
 
+    def start_server(self, name: str = "server", timeout: float = 60) -> None:
+        log = self._spawn(name, ["server.py"])
+        wait_until(
+            lambda: self._alive(name) and b"Uvicorn running on" in log.read_bytes(),
+            timeout,
+            what=f"{name} to listen (log: {log})",
+        )
+
     def start_beat(self, name: str = "beat", timeout: float = 60) -> None:
         log = self._spawn(name, ["beat.py", "--schedule", str(self.logdir / f"{name}-schedule")])
         wait_until(
