@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from directory.config import Settings
+from directory.events import server_name_of
 from directory.membership import next_refresh_ms
 from directory.storage import entries, pending
 
@@ -24,7 +25,7 @@ def queue_refreshes(conn: Connection, settings: Settings, now: int) -> set[str]:
         conn, ((user, next_refresh_ms(now, settings.profile_max_age_seconds)) for user in users)
     )
     pending.queue(conn, users, "refresh", now)
-    return {user.split(":", 1)[1] for user in users}
+    return {server_name_of(user) for user in users}
 
 
 def prune_orphans(conn: Connection) -> int:

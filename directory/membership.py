@@ -28,6 +28,7 @@ from directory.events import (
     ProfileValue,
     RoomStateEvent,
     parse_event,
+    server_name_of,
 )
 from directory.storage import entries, pending
 from directory.storage import rooms as room_store
@@ -131,7 +132,7 @@ def process_events(
     )
     outcome.created, outcome.deleted = created, deleted
     pending.queue(conn, to_fetch, "event", now_ms)
-    outcome.fetch_servers = {user_id.split(":", 1)[1] for user_id in to_fetch}
+    outcome.fetch_servers = {server_name_of(user_id) for user_id in to_fetch}
     return outcome
 
 
