@@ -1,0 +1,126 @@
+"""Our three processes registered as an appservice on real Synapse homeservers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from directory.config import Settings
+from tests.conftest import with_settings
+from tests.support.processes import ProcessGroup, wait_until
+from tests.support.services import free_port
+from tests.support.synapse import (
+    AppserviceRegistration,
+    MatrixUser,
+    SynapseServer,
+    plan_federating_pair,
+    random_token,
+    start_servers,
+)
+
+
+@dataclass
+class Deployment:
+    hs1: SynapseServer
+    hs2: SynapseServer | None
+    processes: ProcessGroup
+    url: str
+    engine: Engine
+
+    def search(self, user: MatrixUser, term: str, limit: int = 10) -> dict[str, Any]:
+        """Our search endpoint, called with the user's own access token."""
+        response = httpx.post(
+            f"{self.url}/_matrix/client/v3/user_directory/search",
+            json={"search_term": term, "limit": limit},
+            headers={"Authorization": f"Bearer {user.access_token}"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def names(self, user: MatrixUser, term: str) -> dict[str, str]:
+        return {hit["user_id"]: hit["display_name"] for hit in self.search(user, term)["results"]}
+
+    def wait_for_names(
+        self, user: MatrixUser, term: str, expected: dict[str, str], timeout: float = 30
+    ) -> None:
+        wait_until(
+            lambda: self.names(user, term) == expected,
+            timeout,
+            interval=0.3,
+            what=f"{user.user_id} searching {term!r} to find {expected} "
+            f"(last: {self.names(user, term)})",
+        )
+
+
+def _our_settings(settings: Settings, hs1: SynapseServer, port: int, reg: AppserviceRegistration):
+    return with_settings(
+        settings,
+        server_name=hs1.server_name,
+        homeserver_url=hs1.client_url,
+        as_token=reg.as_token,
+        hs_token=reg.hs_token,
+        http_port=port,
+        search_rate_burst=1000,
+        token_cache_seconds=300,
+        # Synapse answers a dead remote's profile with 502 after ~0.3 s, a hung one after
+        # 10 s; keep retries quick so the test sees the backoff converge in seconds.
+        fetch_read_timeout_seconds=15,
+        max_fetch_attempts=30,
+    )
+
+
+def _start(
+    settings: Settings, db: Engine, tmp_path: Path, servers: tuple[SynapseServer, ...], port: int
+) -> tuple[ProcessGroup, str]:
+    processes = ProcessGroup(settings, tmp_path / "ours")
+    (tmp_path / "ours").mkdir()
+    # Ours first: Synapse's first transactions would otherwise wait for its retry backoff.
+    processes.start_server()
+    processes.start_worker()
+    processes.start_beat()
+    start_servers(*servers)
+    return processes, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def federation(
+    settings: Settings, db: Engine, redis_client: object, tmp_path: Path
+) -> Iterator[Deployment]:
+    port = free_port()
+    reg = AppserviceRegistration(
+        url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
+    )
+    hs1, hs2 = plan_federating_pair(tmp_path / "synapse", reg)
+    ours = _our_settings(settings, hs1, port, reg)
+    processes, url = _start(ours, db, tmp_path, (hs1, hs2), port)
+    try:
+        yield Deployment(hs1, hs2, processes, url, db)
+    finally:
+        processes.kill_all()
+        hs1.stop()
+        hs2.stop()
+
+
+@pytest.fixture
+def single(
+    settings: Settings, db: Engine, redis_client: object, tmp_path: Path
+) -> Iterator[Deployment]:
+    port = free_port()
+    reg = AppserviceRegistration(
+        url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
+    )
+    hs = SynapseServer(tmp_path / "synapse", "localhost", free_port(), appservice=reg)
+    ours = _our_settings(settings, hs, port, reg)
+    processes, url = _start(ours, db, tmp_path, (hs,), port)
+    try:
+        yield Deployment(hs, None, processes, url, db)
+    finally:
+        processes.kill_all()
+        hs.stop()
