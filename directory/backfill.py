@@ -135,15 +135,27 @@ def _member(room_id: str, user_id: str, content: dict) -> dict:
     return {"type": "m.room.member", "room_id": room_id, "state_key": user_id, "content": content}
 
 
+class SnapshotStale(Exception):
+    """Member events for the room arrived while its snapshot was being read."""
+
+
 def apply_snapshot(
     conn: Connection,
     room_id: str,
     snapshot: RoomSnapshot,
     *,
+    read_after: int | None,
     server_name: str,
     now_ms: int,
     profile_max_age_seconds: float,
 ) -> BatchOutcome:
+    """Apply a snapshot read after the room's member-event counter was `read_after`.
+
+    If events came in since, the snapshot may predate them (a join it lacks would be
+    taken for a leave), so it is refused and must be read again.
+    """
+    if room_store.member_events(conn, room_id, lock=True) != read_after:
+        raise SnapshotStale(room_id)
     known = room_store.members_of(conn, {room_id})
     outcome = process_events(
         conn,

@@ -91,6 +91,9 @@ def process_events(
     if not room_ids:
         return outcome
     room_store.ensure_rooms(conn, room_ids)
+    # First, and in room order: the batch locks its rooms' rows before anything else,
+    # so it never deadlocks with another writer that does the same (a backfill).
+    room_store.bump_member_events(conn, room_ids)
     before = room_store.flags(conn, room_ids)
 
     room_store.set_join_rules(conn, join_rules)
@@ -98,11 +101,10 @@ def process_events(
     # Only the last event per (room, user) decides the membership.
     final: dict[tuple[str, str], MemberEvent] = {(m.room_id, m.user_id): m for m in members}
     changes = _changes_in_room(conn, members)
-    local_suffix = ":" + server_name
     room_store.add_members(
         conn,
         (
-            (room_id, user_id, user_id.endswith(local_suffix), m.value)
+            (room_id, user_id, m.server_name == server_name, m.value)
             for (room_id, user_id), m in final.items()
             if m.membership == "join"
         ),
@@ -119,7 +121,7 @@ def process_events(
     affected |= room_store.forget_members(conn, became_invisible)
     affected |= room_store.members_of(conn, became_visible | publicity_changed)
     for (room_id, user_id), m in final.items():
-        if room_id in became_visible and m.membership == "join" and user_id.endswith(local_suffix):
+        if room_id in became_visible and m.membership == "join" and m.server_name == server_name:
             outcome.rooms_to_backfill.setdefault(room_id, user_id)
     room_store.mark_backfill(conn, outcome.rooms_to_backfill)
 

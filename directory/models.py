@@ -41,6 +41,9 @@ rooms = Table(
     # Set while the room's existing members are unknown (our server just joined it):
     # the local member to read them as. Cleared by the backfill.
     Column("backfill_as", String(255)),
+    # Bumped by every batch touching the room, so a backfill can tell whether its
+    # snapshot (read over HTTP, outside any transaction) went stale.
+    Column("member_events", BigInteger, nullable=False, server_default="0"),
     Index("ix_rooms_backfill_as", "backfill_as"),
 )
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Task
+from sqlalchemy.exc import OperationalError
 
-from directory.backfill import HomeserverUnavailable, RoomUnreadable, apply_snapshot
+from directory.backfill import (
+    HomeserverUnavailable,
+    RoomUnreadable,
+    SnapshotStale,
+    apply_snapshot,
+)
 from directory.clock import now_ms
 from directory.storage import rooms as room_store
 from tasks.app import app
@@ -20,6 +27,52 @@ logger = logging.getLogger(__name__)
 # reconciliation tries again.
 MAX_BACKFILL_RETRIES = 8
 MAX_BACKFILL_DELAY_S = 300
+# A room busy with member events while we read it is read again at once a few times
+# (its burst, e.g. the joins right after its creation, is usually short).
+STALE_REREADS = 5
+STALE_REREAD_DELAY_S = 0.2
+
+
+def _read_and_apply(room_id: str) -> int | None:
+    """One backfill attempt: None if the room changed while we read it."""
+    resources = get_resources()
+    settings = resources.settings
+    with resources.engine.connect() as conn:
+        reader = room_store.backfill_reader(conn, room_id)
+        if reader is None:
+            return 0  # done already (this task ran twice)
+        read_after = room_store.member_events(conn, room_id)
+        candidates = [reader, *(u for u in room_store.local_members(conn, room_id) if u != reader)]
+    snapshot = None
+    for as_user in candidates:
+        try:
+            snapshot = resources.rooms.read(room_id, as_user)
+            break
+        except RoomUnreadable as exc:
+            logger.info("cannot read %s as %s: %s", room_id, as_user, exc)
+    try:
+        with resources.engine.begin() as conn:
+            if snapshot is None:
+                # No local member can read it any more: whatever we know stays as
+                # events left it, and the mark goes so we stop asking.
+                room_store.clear_backfill(conn, room_id)
+                return 0
+            outcome = apply_snapshot(
+                conn,
+                room_id,
+                snapshot,
+                read_after=read_after,
+                server_name=settings.server_name,
+                now_ms=now_ms(),
+                profile_max_age_seconds=settings.profile_max_age_seconds,
+            )
+    except SnapshotStale:
+        return None
+    publish_outcome(outcome)
+    logger.info(
+        "backfilled %s: %d members, %d new entries", room_id, len(snapshot.joined), outcome.created
+    )
+    return len(snapshot.joined)
 
 
 @app.task(
@@ -30,39 +83,14 @@ MAX_BACKFILL_DELAY_S = 300
     max_retries=MAX_BACKFILL_RETRIES,
 )
 def backfill_room(self: Task, room_id: str) -> int:
-    resources = get_resources()
-    settings = resources.settings
-    with resources.engine.connect() as conn:
-        reader = room_store.backfill_reader(conn, room_id)
-        if reader is None:
-            return 0  # done already (this task ran twice)
-        candidates = [reader, *(u for u in room_store.local_members(conn, room_id) if u != reader)]
-    snapshot = None
-    for as_user in candidates:
-        try:
-            snapshot = resources.rooms.read(room_id, as_user)
-            break
-        except RoomUnreadable as exc:
-            logger.info("cannot read %s as %s: %s", room_id, as_user, exc)
-        except HomeserverUnavailable as exc:
-            delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
-            raise self.retry(exc=exc, countdown=delay) from exc
-    with resources.engine.begin() as conn:
-        if snapshot is None:
-            # No local member can read it any more: whatever we know stays as events
-            # left it, and the mark goes so we stop asking.
-            room_store.clear_backfill(conn, room_id)
-            return 0
-        outcome = apply_snapshot(
-            conn,
-            room_id,
-            snapshot,
-            server_name=settings.server_name,
-            now_ms=now_ms(),
-            profile_max_age_seconds=settings.profile_max_age_seconds,
-        )
-    publish_outcome(outcome)
-    logger.info(
-        "backfilled %s: %d members, %d new entries", room_id, len(snapshot.joined), outcome.created
-    )
-    return len(snapshot.joined)
+    try:
+        for _ in range(STALE_REREADS):
+            members = _read_and_apply(room_id)
+            if members is not None:
+                return members
+            time.sleep(STALE_REREAD_DELAY_S)
+        reason: Exception = SnapshotStale(room_id)
+    except (HomeserverUnavailable, OperationalError) as exc:
+        reason = exc
+    delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
+    raise self.retry(exc=reason, countdown=delay)

@@ -30,6 +30,11 @@ def upgrade() -> None:
     with op.batch_alter_table("rooms") as batch:
         # A local member to read the room as, while its existing members are unknown.
         batch.add_column(sa.Column("backfill_as", sa.String(255)))
+        # Bumped by every batch touching the room: a backfill whose snapshot was read
+        # before a bump is stale and is read again.
+        batch.add_column(
+            sa.Column("member_events", sa.BigInteger, nullable=False, server_default="0")
+        )
     op.create_index(
         "ix_rooms_backfill_as",
         "rooms",
@@ -41,5 +46,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_rooms_backfill_as", "rooms")
     with op.batch_alter_table("rooms") as batch:
+        batch.drop_column("member_events")
         batch.drop_column("backfill_as")
     op.drop_table("appservice_transactions")

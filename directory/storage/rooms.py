@@ -216,3 +216,22 @@ def local_members(conn: Connection, room_id: str) -> list[str]:
 
 def clear_backfill(conn: Connection, room_id: str) -> None:
     conn.execute(update(rooms).where(rooms.c.room_id == room_id).values(backfill_as=None))
+
+
+def bump_member_events(conn: Connection, room_ids: Collection[str]) -> None:
+    """Count a batch touching these rooms, locking their rows in room order."""
+    for batch in chunks(sorted(room_ids)):
+        conn.execute(
+            update(rooms)
+            .where(rooms.c.room_id.in_(batch))
+            .values(member_events=rooms.c.member_events + 1)
+        )
+
+
+def member_events(conn: Connection, room_id: str, *, lock: bool = False) -> int | None:
+    """The room's member-event counter; with lock, held until the transaction ends so
+    no batch can bump it meanwhile."""
+    query = select(rooms.c.member_events).where(rooms.c.room_id == room_id)
+    if lock and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return conn.scalar(query)

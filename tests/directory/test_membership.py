@@ -52,7 +52,12 @@ def snapshot(engine: Engine) -> dict[str, list[tuple]]:
     with engine.connect() as conn:
         return {
             table.name: sorted(
-                tuple(v for k, v in row._asdict().items() if k not in ("refresh_due_ms",))
+                # Not state: a random jitter, and a counter of batches seen.
+                tuple(
+                    v
+                    for k, v in row._asdict().items()
+                    if k not in ("refresh_due_ms", "member_events")
+                )
                 for row in conn.execute(select(table))
             )
             for table in metadata.sorted_tables
