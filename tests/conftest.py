@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text
 from directory.config import Settings
 from directory.db import make_engine
 from directory.models import metadata
+from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.services import PrivateRedis, ThrowawayDatabase, selected_backend
 
 SERVER_NAME = "ours.test"
@@ -94,3 +95,10 @@ def settings(database_url: str, private_redis: PrivateRedis) -> Settings:
 
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return dataclasses.replace(settings, **changes)
+
+
+@pytest.fixture
+def homeserver() -> Iterator[FakeHomeserver]:
+    """A real HTTP server standing in for our homeserver's client API."""
+    with FakeHomeserver() as server:
+        yield server

@@ -12,7 +12,6 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,17 +39,15 @@ from directory.api.errors import MatrixError
 from directory.api.ratelimit import RateLimiter
 from directory.clock import now_ms
 from directory.config import Settings
-from directory.membership import BatchOutcome, process_events
+from directory.ingest import Publisher, ingest_events
 from directory.models import user_directory
 from directory.search import search_directory
-from directory.storage import pending, transactions
+from directory.storage import pending
 
 logger = logging.getLogger(__name__)
 
 MAX_TXN_ID_LENGTH = 255
 MAX_SEARCH_BODY_BYTES = 64 * 1024
-
-Publisher = Callable[[BatchOutcome], None]
 
 
 class Metrics:
@@ -89,21 +86,6 @@ def create_app(
     metrics = Metrics()
     hs_token = settings.hs_token.encode()
 
-    def process_transaction(txn_id: str, events: list[Any]) -> BatchOutcome | None:
-        with engine.begin() as conn:
-            if not transactions.record(conn, txn_id, now_ms(), len(events)):
-                return None
-            outcome = process_events(
-                conn,
-                events,
-                server_name=settings.server_name,
-                now_ms=now_ms(),
-                profile_max_age_seconds=settings.profile_max_age_seconds,
-            )
-        # Committed: the homeserver may forget this transaction once we answer.
-        publish(outcome)
-        return outcome
-
     def check_homeserver(request: Request) -> None:
         token = bearer_token(request)
         if not hs_token or token is None or not hmac.compare_digest(token.encode(), hs_token):
@@ -118,7 +100,8 @@ def create_app(
         events = body.get("events", [])
         if not isinstance(events, list):
             raise MatrixError(400, "M_BAD_JSON", "events must be a list")
-        outcome = await run_in_threadpool(process_transaction, txn_id, events)
+        # Committed before we answer: the homeserver may forget the transaction then.
+        outcome = await run_in_threadpool(ingest_events, engine, settings, events, publish, txn_id)
         if outcome is None:
             metrics.transactions.labels("replayed").inc()
         else:

@@ -18,12 +18,6 @@ from tests.support.processes import ProcessGroup, wait_until
 
 
 @pytest.fixture
-def homeserver() -> Iterator[FakeHomeserver]:
-    with FakeHomeserver() as server:
-        yield server
-
-
-@pytest.fixture
 def pipeline_settings(settings: Settings, homeserver: FakeHomeserver) -> Settings:
     return with_settings(settings, homeserver_url=homeserver.url, worker_concurrency=8)
 

@@ -31,6 +31,14 @@ PUBLIC = "!public:remote.test"
 PRIVATE = "!private:remote.test"
 
 
+def commit_without_publishing(engine: Engine, events: list) -> None:
+    """The hooks' transaction alone, as if the process died before publishing."""
+    with engine.begin() as conn:
+        process_events(
+            conn, events, server_name=SERVER_NAME, now_ms=now_ms(), profile_max_age_seconds=3600
+        )
+
+
 def names(engine: Engine, searcher: str, term: str) -> dict[str, str]:
     with engine.connect() as conn:
         result = search_directory(conn, searcher, term, 10)
@@ -317,14 +325,7 @@ def test_worker_start_rebuilds_the_queue_from_the_database(
     """The pending table is the outbox: rows committed with no publish at all (as after
     a crash between commit and publish) are fetched once a worker starts."""
     homeserver.set_profile(ALICE, "Alice")
-    with db.begin() as conn:
-        process_events(
-            conn,
-            [member(PRIVATE, BOB), member(PRIVATE, ALICE)],
-            server_name=SERVER_NAME,
-            now_ms=now_ms(),
-            profile_max_age_seconds=3600,
-        )
+    commit_without_publishing(db, [member(PRIVATE, BOB), member(PRIVATE, ALICE)])
     processes.start_worker()
     wait_for_name(db, ALICE, "Alice")
 
@@ -337,14 +338,7 @@ def test_beat_republishes_work_lost_while_workers_run(
     processes.start_worker()
     processes.start_beat()
     time.sleep(1)
-    with db.begin() as conn:
-        process_events(
-            conn,
-            [member(PRIVATE, BOB), member(PRIVATE, ALICE)],
-            server_name=SERVER_NAME,
-            now_ms=now_ms(),
-            profile_max_age_seconds=3600,
-        )
+    commit_without_publishing(db, [member(PRIVATE, BOB), member(PRIVATE, ALICE)])
     wait_for_name(db, ALICE, "Alice")
 
 

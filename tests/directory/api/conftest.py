@@ -42,12 +42,6 @@ class RunningApi:
 
 
 @pytest.fixture
-def homeserver() -> Iterator[FakeHomeserver]:
-    with FakeHomeserver() as server:
-        yield server
-
-
-@pytest.fixture
 def api_settings(settings: Settings, homeserver: FakeHomeserver) -> Settings:
     return with_settings(settings, homeserver_url=homeserver.url, search_rate_burst=1000)
 
