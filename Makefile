@@ -11,7 +11,7 @@ include .env
 export
 endif
 
-.PHONY: install run server worker beat flower migrate redis registration test test-postgresql test-sqlite lint clean
+.PHONY: install run server worker beat flower migrate redis registration bench test test-postgresql test-sqlite lint clean
 
 install: $(STAMP)
 
@@ -50,6 +50,13 @@ beat: install redis
 
 flower: install redis
 	$(PY) -m celery -A tasks.app flower --address=$${FLOWER_HOST:-127.0.0.1} --port=$${FLOWER_PORT:-5555}
+
+# Benchmarks (bench/README.md): PostgreSQL on 127.0.0.1:5432, its own redis-server.
+# Sizes as flags, e.g. `make bench BENCH_ARGS=--quick`. Writes bench/results.json and .png.
+bench: install
+	@command -v redis-server >/dev/null || PYTHON=$(PY) scripts/ensure-redis
+	$(PY) -m pip install -q matplotlib==3.11.2
+	$(PY) -m bench $(BENCH_ARGS)
 
 # The suite on PostgreSQL (the production target), then on SQLite (the embedded default).
 test: install
