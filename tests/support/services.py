@@ -89,7 +89,7 @@ class PrivateRedis:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (make test installs it)")
+            raise RuntimeError("redis-server is not installed (scripts/ensure-redis installs it)")
         self.process = subprocess.Popen(
             [
                 binary,
@@ -106,8 +106,10 @@ class PrivateRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Out of the caller's process group: a Ctrl-C there is the caller's to handle.
+            start_new_session=True,
         )
-        client = redis.Redis.from_url(self.url)
+        client = self.client()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -117,6 +119,15 @@ class PrivateRedis:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        client.close()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=10)
+
+    def flush(self) -> None:
+        # Only ever our own server: locks and semaphores left by killed workers go too.
+        client = self.client()
+        client.flushall()
         client.close()
 
     def stop(self) -> None:
