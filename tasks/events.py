@@ -6,7 +6,7 @@ import logging
 import time
 
 from celery import Task
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from directory.backfill import (
     HomeserverUnavailable,
@@ -90,7 +90,8 @@ def backfill_room(self: Task, room_id: str) -> int:
                 return members
             time.sleep(STALE_REREAD_DELAY_S)
         reason: Exception = SnapshotStale(room_id)
-    except (HomeserverUnavailable, OperationalError) as exc:
+    except (HomeserverUnavailable, OperationalError, IntegrityError) as exc:
+        # Unreachable homeserver, or a clash with a concurrent writer: try again later.
         reason = exc
     delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
     raise self.retry(exc=reason, countdown=delay)

@@ -18,7 +18,7 @@ from sqlalchemy import (
 from directory.dedup import SeenState
 from directory.events import ProfileValue, server_name_of
 from directory.models import pending_fetches, room_members, rooms, user_directory
-from directory.storage.common import chunks
+from directory.storage.common import chunks, insert_for
 from directory.text import entry_keys
 
 _in_visible_room = select(room_members.c.user_id).join(
@@ -88,7 +88,12 @@ def create_placeholders(
         for user_id, state in states.items()
     ]
     for batch in chunks(rows):
-        conn.execute(user_directory.insert(), list(batch))
+        # A concurrent writer (a backfill of another room) may have created the entry
+        # first; then its entry stands, and our queued fetch still runs.
+        conn.execute(
+            insert_for(conn, user_directory).on_conflict_do_nothing(index_elements=["user_id"]),
+            list(batch),
+        )
 
 
 def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:

@@ -5,6 +5,7 @@ and who can find whom follows room membership and publicity (BRIEF §2; scenario
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -218,3 +219,38 @@ def test_a_batch_costs_the_same_statements_whatever_its_size(db: Engine, size: i
     assert len(entries(db)) == size + 1
     # ~20 statements per batch (executemany counts once); 1000 events would be 1000+.
     assert len(statements) < 40, len(statements)
+
+
+def test_two_writers_creating_the_same_entry_both_commit(db: Engine) -> None:
+    """Two batches (say, backfills of two rooms) that both see a user for the first
+    time: the second waits for the first and keeps its entry instead of failing."""
+    process(db, [member("!a:x", BOB), member("!b:x", EVE)])
+    errors: list[BaseException] = []
+    with db.connect() as first:
+        first.begin()
+        process_events(
+            first,
+            [member("!a:x", ALICE)],
+            server_name=SERVER_NAME,
+            now_ms=now_ms(),
+            profile_max_age_seconds=3600,
+        )
+
+        def second() -> None:
+            try:
+                process(db, [member("!b:x", ALICE)])
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)  # it now waits on the first transaction's row
+        first.commit()
+    thread.join(10)
+    assert errors == []
+    assert ALICE in entries(db)
+    with db.connect() as conn:
+        rooms_of_alice = set(
+            conn.scalars(select(room_members.c.room_id).where(room_members.c.user_id == ALICE))
+        )
+    assert rooms_of_alice == {"!a:x", "!b:x"}

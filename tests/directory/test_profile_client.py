@@ -31,6 +31,7 @@ from tests.support.fake_homeserver import (
     Trickle,
     error,
 )
+from tests.support.processes import wait_until
 from tests.support.services import free_port
 
 ALICE = "@alice:remote.test"
@@ -517,6 +518,8 @@ def test_fake_answers_429_beyond_max_concurrent(
     assert sorted(r.status for r in homeserver.requests) == [200, 200, 429, 429, 429]
     assert homeserver.max_in_flight("busy.test") >= 3
 
+    # Handlers finish just after the client has their reply.
+    wait_until(lambda: homeserver.in_flight("busy.test") == 0, 5, what="handlers to end")
     homeserver.reset_records()
     assert homeserver.rate_limited_count() == 0
     assert homeserver.count() == 0

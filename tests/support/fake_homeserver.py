@@ -477,6 +477,11 @@ class FakeHomeserver:
         with self._state.lock:
             return self._state.rate_limited
 
+    def in_flight(self, server_name: str) -> int:
+        """Requests to that server not yet finished (a handler ends after its reply)."""
+        with self._state.lock:
+            return self._state.in_flight[server_name]
+
     def reset_records(self) -> None:
         """Forget requests and counters; profiles, servers and scripts stay."""
         with self._state.lock:
