@@ -16,8 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +23,12 @@ import httpx
 import psycopg
 
 from directory.config import PROJECT_ROOT
+from tests.support.processes import wait_until
 from tests.support.services import PrivateRedis, free_port  # noqa: F401  (re-exported)
 
 PG_ADMIN_DSN = os.environ.get(
     "BENCH_PG_ADMIN_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 )
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = ""
-) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def rss_bytes(pid: int) -> int:

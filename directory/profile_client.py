@@ -102,27 +102,20 @@ def parse_profile(body: bytes) -> FetchResult:
     displayname = data.get("displayname")
     avatar_url = data.get("avatar_url")
     # Wrong types are not "no name": the answer is broken, so it must change nothing.
-    if displayname is not None and not isinstance(displayname, str):
-        return _result(Outcome.INVALID, f"displayname is a {type(displayname).__name__}")
-    if avatar_url is not None and not isinstance(avatar_url, str):
-        return _result(Outcome.INVALID, f"avatar_url is a {type(avatar_url).__name__}")
-    if displayname is not None:
-        if "\x00" in displayname:
-            return _result(Outcome.INVALID, "displayname contains a NUL character")
-        if len(displayname) > MAX_DISPLAYNAME_LENGTH:
-            return _result(
-                Outcome.INVALID,
-                f"displayname is {len(displayname)} characters, over {MAX_DISPLAYNAME_LENGTH}",
-            )
-    if avatar_url is not None:
-        # Same rule as names: truncating a URL would point at some other media.
-        if "\x00" in avatar_url:
-            return _result(Outcome.INVALID, "avatar_url contains a NUL character")
-        if len(avatar_url) > MAX_AVATAR_URL_LENGTH:
-            return _result(
-                Outcome.INVALID,
-                f"avatar_url is {len(avatar_url)} characters, over {MAX_AVATAR_URL_LENGTH}",
-            )
+    # Truncating or repairing either field would show something the user never set
+    # (or point at other media): a hostile value rejects the whole answer.
+    for field, value, cap in (
+        ("displayname", displayname, MAX_DISPLAYNAME_LENGTH),
+        ("avatar_url", avatar_url, MAX_AVATAR_URL_LENGTH),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return _result(Outcome.INVALID, f"{field} is a {type(value).__name__}")
+        if "\x00" in value:
+            return _result(Outcome.INVALID, f"{field} contains a NUL character")
+        if len(value) > cap:
+            return _result(Outcome.INVALID, f"{field} is {len(value)} characters, over {cap}")
     profile = ProfileValue(
         displayname=clean_displayname(displayname), avatar_url=clean_avatar_url(avatar_url)
     )
