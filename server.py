@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from directory.api.app import create_app
-from tasks.outbox import publish_outcome
+from tasks.outbox import wake_inbox_consumer
 from tasks.resources import get_resources
 
 
@@ -24,7 +24,7 @@ def main() -> None:
         settings,
         resources.engine,
         aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5),
-        publish_outcome,
+        wake_inbox_consumer,
     )
     uvicorn.run(
         app,

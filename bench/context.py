@@ -134,13 +134,17 @@ class Context:
         self.fake.configure(self.sizes.latency_ms, self.sizes.max_concurrent)
         self.fake.reset()
 
-    def start_workers(self, count: int, concurrency: int | None = None) -> list[str]:
+    def start_workers(
+        self, count: int, concurrency: int | None = None, queues: str | None = None
+    ) -> list[str]:
         assert self.procs
         names = [f"worker{i + 1}" for i in range(count)]
         for name in names:
             concurrency = concurrency or self.sizes.worker_concurrency
-            pool = ("-P", self.sizes.worker_pool)
-            self.procs.start_worker(name, *pool, "-c", str(concurrency), wait=False)
+            options = ["-P", self.sizes.worker_pool, "-c", str(concurrency)]
+            if queues:
+                options += ["-Q", queues]
+            self.procs.start_worker(name, *options, wait=False)
         for name in names:
             self.procs.wait_for_log(name, b" ready.")
         return names

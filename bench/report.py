@@ -95,6 +95,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "pass": i["pass"],
             }
         )
+        if "applied_events_per_second" in i:
+            rows.append(
+                {
+                    "name": "applied events/s (inbox drained) ÷ batched INSERT rows/s",
+                    "measured": f"{_fmt(i['applied_events_per_second'], 0)} events/s,"
+                    f" batches of {_fmt(i.get('batch_events') or 0, 0)} events",
+                    "value": i["applied_ratio"],
+                    "target": "(reported)",
+                    "pass": None,
+                }
+            )
     if "dedup" in b:
         for case in b["dedup"]["cases"]:
             rows.append(

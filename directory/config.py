@@ -107,6 +107,10 @@ class Settings:
     max_transaction_bytes: int = 16 * 1024 * 1024
     # Processed transaction ids are remembered this long, to answer replays.
     transaction_retention_seconds: float = 7 * 24 * 3600.0
+    # Events the inbox consumer applies per database transaction: big batches amortise
+    # the fixed cost of a batch's statements (a homeserver's 100-event transactions are
+    # merged), small ones hold the rooms' row locks for less time.
+    ingest_batch_events: int = 5000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -134,6 +138,8 @@ class Settings:
     def validate(self) -> None:
         if self.per_destination_concurrency < 1:
             raise ValueError("PER_DESTINATION_CONCURRENCY must be at least 1")
+        if self.ingest_batch_events < 1:
+            raise ValueError("INGEST_BATCH_EVENTS must be at least 1")
         if self.max_fetch_attempts < 1:
             raise ValueError("MAX_FETCH_ATTEMPTS must be at least 1")
         if ":" in self.server_name and not self.server_name.rsplit(":", 1)[1].isdigit():

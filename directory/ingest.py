@@ -1,35 +1,68 @@
-"""A batch of events in: one transaction, then the publish callback (after commit).
+"""Events in: accepted durably at once, applied in order by one consumer at a time.
 
-Used by the HTTP server for appservice transactions and by anything else that feeds
-events; the caller supplies the publisher, so this module needs no Celery.
+Accepting an appservice transaction is one INSERT into the inbox, in the same database
+transaction as its txn id: the homeserver gets its 200 as soon as the events are
+durable, whatever the directory work costs. The consumer then applies the oldest
+transactions together, up to INGEST_BATCH_EVENTS events in one database transaction
+(directory.membership.process_events is set-based, so 5,000 events cost about as many
+statements as 100), deletes them from the inbox in that same transaction and hands the
+outcome to the publisher after commit. A crash leaves either the rows or their
+effects, never half of both; and applying events twice changes nothing.
+
+The caller supplies the wake-up and publish callables, so this module needs no Celery.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
 from directory.clock import now_ms
 from directory.config import Settings
 from directory.membership import BatchOutcome, process_events
-from directory.storage import transactions
+from directory.storage import inbox, transactions
+
+logger = logging.getLogger(__name__)
 
 Publisher = Callable[[BatchOutcome], None]
+Wake = Callable[[], None]
 
 
-def ingest_events(
-    engine: Engine,
-    settings: Settings,
-    events: Sequence[object],
-    publish: Publisher,
-    txn_id: str | None = None,
-) -> BatchOutcome | None:
-    """Durable when this returns. With a txn_id, a transaction seen before is not
-    processed again and None is returned."""
+@dataclass
+class Applied:
+    transactions: int
+    outcome: BatchOutcome
+    # Accepted transactions are still waiting: call again.
+    more: bool
+
+
+def accept_transaction(
+    engine: Engine, events: Sequence[object], wake: Wake, txn_id: str | None = None
+) -> bool:
+    """Durable when this returns; `wake` runs after the commit. False for a txn_id
+    accepted before (a replay), which is not stored again."""
+    payload = json.dumps(events, separators=(",", ":"), ensure_ascii=False)
+    now = now_ms()
     with engine.begin() as conn:
-        if txn_id is not None and not transactions.record(conn, txn_id, now_ms(), len(events)):
-            return None
+        if txn_id is not None and not transactions.record(conn, txn_id, now, len(events)):
+            return False
+        inbox.append(conn, payload, len(events), now)
+    wake()
+    return True
+
+
+def apply_accepted(engine: Engine, settings: Settings, publish: Publisher) -> Applied:
+    """Apply the oldest accepted transactions, up to settings.ingest_batch_events."""
+    with engine.begin() as conn:
+        inbox.lock_consumer(conn)
+        taken = inbox.take(conn, settings.ingest_batch_events)
+        if not taken.items:
+            return Applied(0, BatchOutcome(), False)
+        events = [event for item in taken.items for event in _events_of(item)]
         outcome = process_events(
             conn,
             events,
@@ -37,5 +70,33 @@ def ingest_events(
             now_ms=now_ms(),
             profile_max_age_seconds=settings.profile_max_age_seconds,
         )
+        inbox.remove(conn, [item.id for item in taken.items])
     publish(outcome)
-    return outcome
+    return Applied(len(taken.items), outcome, taken.more)
+
+
+def ingest_events(
+    engine: Engine, settings: Settings, events: Sequence[object], publish: Publisher
+) -> BatchOutcome:
+    """Accept a batch and apply everything accepted so far, in this thread (tools and
+    tests; the HTTP server leaves the applying to the workers)."""
+    accept_transaction(engine, events, wake=lambda: None)
+    total = BatchOutcome()
+    while True:
+        applied = apply_accepted(engine, settings, publish)
+        total.merge(applied.outcome)
+        if not applied.more:
+            return total
+
+
+def _events_of(item: inbox.InboxItem) -> list[object]:
+    # Only this module writes payloads, always a JSON array; anything else is dropped
+    # loudly rather than blocking every transaction behind it.
+    try:
+        events = json.loads(item.payload)
+    except ValueError:
+        events = None
+    if not isinstance(events, list):
+        logger.error("inbox row %d is not a JSON array of events; dropped", item.id)
+        return []
+    return events

@@ -53,6 +53,15 @@ class BatchOutcome:
     created: int = 0
     deleted: int = 0
 
+    def merge(self, other: BatchOutcome) -> None:
+        self.events += other.events
+        self.invalid += other.invalid
+        self.fetch_servers |= other.fetch_servers
+        for room_id, reader in other.rooms_to_backfill.items():
+            self.rooms_to_backfill.setdefault(room_id, reader)
+        self.created += other.created
+        self.deleted += other.deleted
+
 
 def next_refresh_ms(now_ms: int, max_age_seconds: float) -> int:
     max_age_ms = max_age_seconds * 1000

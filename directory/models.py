@@ -136,3 +136,17 @@ appservice_transactions = Table(
     Column("events", Integer, nullable=False),
     Index("ix_appservice_transactions_received_at_ms", "received_at_ms"),
 )
+
+# Transactions accepted from the homeserver and not applied yet, oldest first. Accepting
+# is one INSERT, so the homeserver gets its 200 as soon as the events are durable; one
+# consumer at a time applies them in order, many transactions per database transaction.
+event_inbox = Table(
+    "event_inbox",
+    metadata,
+    # SQLite only auto-increments an INTEGER PRIMARY KEY.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("received_at_ms", BigInteger, nullable=False),
+    Column("events", Integer, nullable=False),
+    # The transaction's `events` array, as JSON text.
+    Column("payload", Text, nullable=False),
+)

@@ -1,4 +1,5 @@
-"""Event-side tasks: loading the existing members of a room our server just joined."""
+"""Event-side tasks: applying accepted transactions, and loading the existing members
+of a room our server just joined."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from directory.backfill import (
     apply_snapshot,
 )
 from directory.clock import now_ms
+from directory.ingest import apply_accepted
 from directory.storage import rooms as room_store
 from tasks.app import app
-from tasks.outbox import publish_outcome
+from tasks.outbox import inbox_consumer_started, publish_outcome, wake_inbox_consumer
 from tasks.resources import get_resources
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,10 @@ MAX_BACKFILL_DELAY_S = 300
 # (its burst, e.g. the joins right after its creation, is usually short).
 STALE_REREADS = 5
 STALE_REREAD_DELAY_S = 0.2
+# An inbox consumer run hands over to a fresh task after this long, so a long backlog
+# never holds one broker message for long; the queue order is kept by the database.
+INBOX_RUN_BUDGET_S = 30.0
+MAX_INBOX_RETRY_DELAY_S = 30
 
 
 def _read_and_apply(room_id: str) -> int | None:
@@ -95,3 +101,32 @@ def backfill_room(self: Task, room_id: str) -> int:
         reason = exc
     delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
     raise self.retry(exc=reason, countdown=delay)
+
+
+@app.task(
+    name="tasks.events.apply_inbox",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=10,
+)
+def apply_inbox(self: Task) -> int:
+    """Apply accepted transactions in order until none wait; returns how many."""
+    resources = get_resources()
+    inbox_consumer_started()
+    deadline = time.monotonic() + INBOX_RUN_BUDGET_S
+    applied = 0
+    try:
+        while True:
+            run = apply_accepted(resources.engine, resources.settings, publish_outcome)
+            applied += run.transactions
+            if not run.more:
+                return applied
+            if time.monotonic() > deadline:
+                wake_inbox_consumer(force=True)
+                return applied
+    except (OperationalError, IntegrityError) as exc:
+        # The database is away, or a clash with a concurrent writer: the batch rolled
+        # back whole and waits in the inbox; so does everything behind it, in order.
+        delay = min(2**self.request.retries, MAX_INBOX_RETRY_DELAY_S)
+        raise self.retry(exc=exc, countdown=delay) from exc

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from directory.clock import now_ms
 from directory.membership import BatchOutcome
-from directory.storage import pending
+from directory.storage import inbox, pending
 from directory.storage import rooms as room_store
 from tasks.app import EVENTS_QUEUE, FETCH_QUEUE, app
 from tasks.resources import get_resources
@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 FETCH_TASK = "tasks.fetch.fetch_destination"
 BACKFILL_TASK = "tasks.events.backfill_room"
+INBOX_TASK = "tasks.events.apply_inbox"
+# Set while an inbox consumer task is queued and not started: accepted transactions
+# need one consumer run after them, not one each.
+INBOX_WAKE_KEY = "ud:inbox:wake"
 # How long a "tasks already queued for this destination" mark lives without a run
 # clearing it: after this, reconciliation may publish again (the runs were lost).
 QUEUED_MARK_TTL_MS = 30_000
@@ -112,12 +116,34 @@ def destination_drained(server_name: str) -> None:
             logger.warning("could not schedule a follow-up for %s", server_name, exc_info=True)
 
 
+def wake_inbox_consumer(*, force: bool = False) -> None:
+    """Queue an inbox consumer run unless one is queued and not started yet (`force`:
+    whatever Redis says, as reconciliation does). Never fails the caller: the accepted
+    rows are committed, and reconciliation wakes the consumer if this is lost."""
+    resources = get_resources()
+    try:
+        marked = resources.redis.set(INBOX_WAKE_KEY, 1, nx=True, px=QUEUED_MARK_TTL_MS)
+        if marked or force:
+            app.send_task(INBOX_TASK, queue=EVENTS_QUEUE)
+    except Exception:
+        logger.warning("could not wake the inbox consumer; reconciliation will", exc_info=True)
+
+
+def inbox_consumer_started() -> None:
+    """Called before the consumer reads the inbox: a transaction accepted from now on
+    queues another run, so none is left unapplied behind one that has started."""
+    get_resources().redis.delete(INBOX_WAKE_KEY)
+
+
 def publish_due_work() -> int:
     """Queue everything the database says is due: fetch runs for every destination with
-    due users, and backfills of rooms still waiting for one (reconciliation, worker
-    start)."""
+    due users, backfills of rooms still waiting for one, and the inbox consumer if
+    accepted transactions wait (reconciliation, worker start)."""
     resources = get_resources()
     with resources.engine.connect() as conn:
         due = dict(pending.due_by_server(conn, now_ms()))
         rooms = [room for room, _ in room_store.awaiting_backfill(conn, BACKFILLS_PER_RUN)]
+        backlog = inbox.backlog(conn)
+    if backlog.transactions:
+        wake_inbox_consumer(force=True)
     return publish_fetches(due, due) + publish_backfills(rooms)

@@ -2,8 +2,9 @@
 and metrics. Database work runs in a thread pool; nothing slow (profile fetching)
 happens inside a request.
 
-The app does not publish Celery tasks itself (the domain never imports Celery): the
-entry point hands it a `publish` callable, called after each batch commits.
+A transaction is only accepted here (stored durably in the inbox, directory/ingest.py);
+the workers apply it. The app does not publish Celery tasks itself (the domain never
+imports Celery): the entry point hands it a `wake` callable, called after each commit.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from directory.api.errors import MatrixError
 from directory.api.ratelimit import RateLimiter
 from directory.clock import now_ms
 from directory.config import Settings
-from directory.ingest import Publisher, ingest_events
+from directory.ingest import Wake, accept_transaction
 from directory.models import user_directory
 from directory.search import search_directory
-from directory.storage import pending
+from directory.storage import inbox, pending
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ class Metrics:
             "directory_search_seconds", "Search latency", registry=self.registry
         )
         self.entries = Gauge("directory_entries", "Directory entries", registry=self.registry)
+        self.inbox_events = Gauge(
+            "directory_inbox_events",
+            "Events accepted and not applied yet",
+            registry=self.registry,
+        )
+        self.inbox_age = Gauge(
+            "directory_inbox_oldest_age_seconds",
+            "Age of the oldest transaction not applied yet (0 when none waits)",
+            registry=self.registry,
+        )
         self.pending = Gauge(
             "directory_pending_fetches",
             "Pending profile fetches",
@@ -78,7 +89,7 @@ def create_app(
     settings: Settings,
     engine: Engine,
     redis_client: aioredis.Redis,
-    publish: Publisher,
+    wake: Wake,
     verifier: TokenVerifier | None = None,
 ) -> Starlette:
     verifier = verifier or TokenVerifier(settings)
@@ -101,13 +112,13 @@ def create_app(
         if not isinstance(events, list):
             raise MatrixError(400, "M_BAD_JSON", "events must be a list")
         # Committed before we answer: the homeserver may forget the transaction then.
-        outcome = await run_in_threadpool(ingest_events, engine, settings, events, publish, txn_id)
-        if outcome is None:
-            metrics.transactions.labels("replayed").inc()
+        # The workers apply it (directory/ingest.py); `wake` tells them after the commit.
+        accepted = await run_in_threadpool(accept_transaction, engine, events, wake, txn_id)
+        if accepted:
+            metrics.transactions.labels("accepted").inc()
+            metrics.events.labels("accepted").inc(len(events))
         else:
-            metrics.transactions.labels("processed").inc()
-            metrics.events.labels("processed").inc(outcome.events - outcome.invalid)
-            metrics.events.labels("invalid").inc(outcome.invalid)
+            metrics.transactions.labels("replayed").inc()
         return JSONResponse({})
 
     async def ping(request: Request) -> Response:
@@ -179,7 +190,11 @@ def create_app(
     def read_gauges() -> None:
         with engine.connect() as conn:
             metrics.entries.set(conn.scalar(select(func.count()).select_from(user_directory)))
-            summary = pending.summary(conn, now_ms())
+            now = now_ms()
+            summary = pending.summary(conn, now)
+            backlog = inbox.backlog(conn)
+        metrics.inbox_events.set(backlog.events)
+        metrics.inbox_age.set(0 if backlog.oldest_ms is None else (now - backlog.oldest_ms) / 1000)
         metrics.pending.labels("due").set(summary.due)
         metrics.pending.labels("waiting").set(summary.waiting)
         metrics.pending.labels("given_up").set(summary.given_up)

@@ -18,7 +18,7 @@ from sqlalchemy import (
 from directory.dedup import SeenState
 from directory.events import ProfileValue, server_name_of
 from directory.models import pending_fetches, room_members, rooms, user_directory
-from directory.storage.common import chunks, insert_for
+from directory.storage.common import any_of, chunks, id_batches, insert_for
 from directory.text import entry_keys
 
 _in_visible_room = select(room_members.c.user_id).join(
@@ -29,9 +29,11 @@ _in_visible_room = select(room_members.c.user_id).join(
 def visible_users(conn: Connection, user_ids: Collection[str]) -> set[str]:
     """The users among these joined to at least one room we can see."""
     found: set[str] = set()
-    for batch in chunks(sorted(user_ids)):
+    for batch in id_batches(conn, user_ids):
         found.update(
-            conn.scalars(_in_visible_room.where(room_members.c.user_id.in_(batch)).distinct())
+            conn.scalars(
+                _in_visible_room.where(any_of(conn, room_members.c.user_id, batch)).distinct()
+            )
         )
     return found
 
@@ -40,7 +42,7 @@ def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenSt
     """The dedup state of every existing entry among these users."""
     d = user_directory.c
     found: dict[str, SeenState] = {}
-    for batch in chunks(sorted(user_ids)):
+    for batch in id_batches(conn, user_ids):
         rows = conn.execute(
             select(
                 d.user_id,
@@ -49,7 +51,7 @@ def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenSt
                 d.seen_room_id,
                 d.seen_elsewhere,
                 d.seen_per_room,
-            ).where(d.user_id.in_(batch))
+            ).where(any_of(conn, d.user_id, batch))
         )
         for user_id, name, avatar, room_id, elsewhere, per_room in rows:
             value = None if room_id is None else ProfileValue(name, avatar)
@@ -109,12 +111,12 @@ def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:
 
 def delete_entries(conn: Connection, user_ids: Collection[str]) -> int:
     deleted = 0
-    for batch in chunks(sorted(user_ids)):
+    for batch in id_batches(conn, user_ids):
         # Explicit, not only by the foreign key's cascade: the pending row must go even
         # where foreign keys are not enforced.
-        conn.execute(delete(pending_fetches).where(pending_fetches.c.user_id.in_(batch)))
+        conn.execute(delete(pending_fetches).where(any_of(conn, pending_fetches.c.user_id, batch)))
         deleted += conn.execute(
-            delete(user_directory).where(user_directory.c.user_id.in_(batch))
+            delete(user_directory).where(any_of(conn, user_directory.c.user_id, batch))
         ).rowcount
     return deleted
 
@@ -127,10 +129,10 @@ def refresh_public_flags(conn: Connection, user_ids: Collection[str]) -> None:
         rooms.c.is_visible,
         rooms.c.is_public,
     )
-    for batch in chunks(sorted(user_ids)):
+    for batch in id_batches(conn, user_ids):
         conn.execute(
             update(user_directory)
-            .where(user_directory.c.user_id.in_(batch))
+            .where(any_of(conn, user_directory.c.user_id, batch))
             .values(in_public_room=in_public_room)
         )
 

@@ -6,7 +6,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    ARRAY,
     Connection,
+    String,
     bindparam,
     delete,
     exists,
@@ -19,7 +21,7 @@ from sqlalchemy import (
 
 from directory.events import ProfileValue
 from directory.models import room_members, rooms
-from directory.storage.common import chunks, insert_for
+from directory.storage.common import any_of, chunks, id_batches, is_postgresql, upsert_rows
 
 
 @dataclass(frozen=True)
@@ -29,19 +31,15 @@ class RoomFlags:
 
 
 def ensure_rooms(conn: Connection, room_ids: Collection[str]) -> None:
-    for batch in chunks(sorted(room_ids)):
-        conn.execute(
-            insert_for(conn, rooms).on_conflict_do_nothing(index_elements=["room_id"]),
-            [{"room_id": room_id} for room_id in batch],
-        )
+    upsert_rows(conn, rooms, ("room_id",), [(r,) for r in sorted(room_ids)], conflict=("room_id",))
 
 
 def flags(conn: Connection, room_ids: Collection[str]) -> dict[str, RoomFlags]:
     found: dict[str, RoomFlags] = {}
-    for batch in chunks(sorted(room_ids)):
+    for batch in id_batches(conn, room_ids):
         rows = conn.execute(
             select(rooms.c.room_id, rooms.c.is_visible, rooms.c.is_public).where(
-                rooms.c.room_id.in_(batch)
+                any_of(conn, rooms.c.room_id, batch)
             )
         )
         for room_id, is_visible, is_public in rows:
@@ -79,10 +77,10 @@ def recompute_flags(conn: Connection, room_ids: Collection[str]) -> None:
         func.coalesce(rooms.c.join_rule, "") == "public",
         func.coalesce(rooms.c.history_visibility, "") == "world_readable",
     )
-    for batch in chunks(sorted(room_ids)):
+    for batch in id_batches(conn, room_ids):
         conn.execute(
             update(rooms)
-            .where(rooms.c.room_id.in_(batch))
+            .where(any_of(conn, rooms.c.room_id, batch))
             .values(is_visible=has_local_member, is_public=is_public)
         )
 
@@ -93,6 +91,23 @@ def member_values(
     """The values each (room, user) last showed in that room, for current joins."""
     m = room_members.c
     found: dict[tuple[str, str], ProfileValue] = {}
+    if is_postgresql(conn) and pairs:
+        # A join against the pairs as two arrays: one plan whatever the count, where a
+        # row-value IN list costs one index probe branch per pair to plan and run.
+        keys = (
+            func.unnest(
+                bindparam("rooms", [r for r, _ in pairs], type_=ARRAY(String)),
+                bindparam("users", [u for _, u in pairs], type_=ARRAY(String)),
+            )
+            .table_valued("room_id", "user_id")
+            .render_derived()
+        )
+        rows = conn.execute(
+            select(m.room_id, m.user_id, m.displayname, m.avatar_url).join(
+                keys, (m.room_id == keys.c.room_id) & (m.user_id == keys.c.user_id)
+            )
+        )
+        return {(r, u): ProfileValue(d, a) for r, u, d, a in rows}
     for batch in chunks(sorted(pairs)):
         rows = conn.execute(
             select(m.room_id, m.user_id, m.displayname, m.avatar_url).where(
@@ -106,27 +121,17 @@ def member_values(
 
 def add_members(conn: Connection, rows: Iterable[tuple[str, str, bool, ProfileValue]]) -> None:
     """Record joins: (room_id, user_id, is_local, value). Joining again updates the value."""
-    for batch in chunks(rows):
-        stmt = insert_for(conn, room_members)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["room_id", "user_id"],
-                set_={
-                    "displayname": stmt.excluded.displayname,
-                    "avatar_url": stmt.excluded.avatar_url,
-                },
-            ),
-            [
-                {
-                    "room_id": room_id,
-                    "user_id": user_id,
-                    "is_local": is_local,
-                    "displayname": value.displayname,
-                    "avatar_url": value.avatar_url,
-                }
-                for room_id, user_id, is_local, value in batch
-            ],
-        )
+    upsert_rows(
+        conn,
+        room_members,
+        ("room_id", "user_id", "is_local", "displayname", "avatar_url"),
+        [
+            (room_id, user_id, is_local, value.displayname, value.avatar_url)
+            for room_id, user_id, is_local, value in rows
+        ],
+        conflict=("room_id", "user_id"),
+        update=("displayname", "avatar_url"),
+    )
 
 
 def remove_members(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
@@ -142,9 +147,11 @@ def remove_members(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
 
 def members_of(conn: Connection, room_ids: Collection[str]) -> set[str]:
     found: set[str] = set()
-    for batch in chunks(sorted(room_ids)):
+    for batch in id_batches(conn, room_ids):
         found.update(
-            conn.scalars(select(room_members.c.user_id).where(room_members.c.room_id.in_(batch)))
+            conn.scalars(
+                select(room_members.c.user_id).where(any_of(conn, room_members.c.room_id, batch))
+            )
         )
     return found
 
@@ -155,8 +162,8 @@ def forget_members(conn: Connection, room_ids: Collection[str]) -> set[str]:
     Returns the users who were members, so the caller can re-check each of them.
     """
     users = members_of(conn, room_ids)
-    for batch in chunks(sorted(room_ids)):
-        conn.execute(delete(room_members).where(room_members.c.room_id.in_(batch)))
+    for batch in id_batches(conn, room_ids):
+        conn.execute(delete(room_members).where(any_of(conn, room_members.c.room_id, batch)))
     return users
 
 
@@ -220,10 +227,10 @@ def clear_backfill(conn: Connection, room_id: str) -> None:
 
 def bump_member_events(conn: Connection, room_ids: Collection[str]) -> None:
     """Count a batch touching these rooms, locking their rows in room order."""
-    for batch in chunks(sorted(room_ids)):
+    for batch in id_batches(conn, room_ids):
         conn.execute(
             update(rooms)
-            .where(rooms.c.room_id.in_(batch))
+            .where(any_of(conn, rooms.c.room_id, batch))
             .values(member_events=rooms.c.member_events + 1)
         )
 

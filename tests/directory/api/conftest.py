@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 
 from directory.api.app import create_app
 from directory.config import Settings
+from directory.ingest import apply_accepted
 from directory.membership import BatchOutcome
 from tests.conftest import with_settings
 from tests.support.fake_homeserver import FakeHomeserver
@@ -46,9 +47,17 @@ def api_settings(settings: Settings, homeserver: FakeHomeserver) -> Settings:
     return with_settings(settings, homeserver_url=homeserver.url, search_rate_burst=1000)
 
 
-def serve(settings: Settings, engine: Engine, homeserver: FakeHomeserver) -> Iterator[RunningApi]:
+def serve(
+    settings: Settings, engine: Engine, homeserver: FakeHomeserver, *, apply: bool = True
+) -> Iterator[RunningApi]:
     published = Published()
-    app = create_app(settings, engine, aioredis.Redis.from_url(settings.redis_url), published)
+
+    def apply_now() -> None:
+        # Stands in for the workers: applies what was just accepted, in this thread.
+        while apply and apply_accepted(engine, settings, published).more:
+            pass
+
+    app = create_app(settings, engine, aioredis.Redis.from_url(settings.redis_url), apply_now)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -1,6 +1,7 @@
 """The HTTP API as a homeserver and clients see it: the appservice transaction contract
-(auth, durability before the 200, replays, bad input losing nothing) and the Matrix
-search endpoint (auth through whoami, the spec's shape, limits, rate limiting)."""
+(auth, durable acceptance before the 200, in-order application, replays, bad input
+losing nothing) and the Matrix search endpoint (auth through whoami, the spec's shape,
+limits, rate limiting)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from sqlalchemy import Engine, select
 
 from directory.config import Settings
+from directory.ingest import apply_accepted
 from directory.models import user_directory
+from directory.storage import inbox
 from tests.conftest import SERVER_NAME, with_settings
 from tests.directory.api.conftest import RunningApi, serve
 from tests.support.events import join_rules, member
@@ -37,6 +40,11 @@ def entry_ids(engine: Engine) -> set[str]:
         return set(conn.scalars(select(user_directory.c.user_id)))
 
 
+def inbox_backlog(engine: Engine) -> inbox.Backlog:
+    with engine.connect() as conn:
+        return inbox.backlog(conn)
+
+
 def test_a_transaction_needs_the_hs_token(api: RunningApi, db: Engine) -> None:
     body = {"events": [member("!r:x", BOB)]}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "hs-secret"}):
@@ -50,11 +58,38 @@ def test_a_transaction_needs_the_hs_token(api: RunningApi, db: Engine) -> None:
     assert entry_ids(db) == {BOB}
 
 
-def test_a_transaction_is_committed_before_the_200(api: RunningApi, db: Engine) -> None:
+def test_a_transaction_is_applied_once_accepted(api: RunningApi, db: Engine) -> None:
     response = put(api, "t1", {"events": [member("!r:x", BOB), member("!r:x", ALICE)]})
     assert response.status_code == 200 and response.json() == {}
-    assert entry_ids(db) == {BOB, ALICE}  # readable by anyone the moment we answered
+    assert entry_ids(db) == {BOB, ALICE}
     assert api.published.outcomes[0].fetch_servers == {"remote.test", SERVER_NAME}
+    assert inbox_backlog(db).transactions == 0
+
+
+@pytest.fixture
+def accepting_api(
+    api_settings: Settings, db: Engine, redis_client: object, homeserver: FakeHomeserver
+) -> Iterator[RunningApi]:
+    yield from serve(api_settings, db, homeserver, apply=False)
+
+
+def test_a_transaction_is_durable_before_the_200_and_applied_in_order_later(
+    accepting_api: RunningApi, db: Engine
+) -> None:
+    first = [member("!r:x", BOB), member("!r:x", ALICE)]
+    assert put(accepting_api, "t1", {"events": first}).status_code == 200
+    leave = [member("!r:x", ALICE, membership="leave")]
+    assert put(accepting_api, "t2", {"events": leave}).status_code == 200
+    # No worker here: the 200s mean the events are stored, not yet applied.
+    backlog = inbox_backlog(db)
+    assert (backlog.transactions, backlog.events) == (2, 3)
+    assert entry_ids(db) == set()
+
+    applied = apply_accepted(db, accepting_api.settings, accepting_api.published)
+    # Both transactions in one batch, in the order they were accepted: Alice left.
+    assert (applied.transactions, applied.more) == (2, False)
+    assert entry_ids(db) == {BOB}
+    assert inbox_backlog(db).transactions == 0
 
 
 def test_a_replayed_transaction_is_answered_but_not_processed_again(
@@ -196,7 +231,9 @@ def test_health_and_metrics(api: RunningApi) -> None:
         metrics = client.get("/metrics")
         unknown = client.get("/nothing/here")
     assert health.status_code == 200 and health.json() == {"database": "ok", "redis": "ok"}
-    assert 'directory_transactions_total{result="processed"} 1.0' in metrics.text
+    assert 'directory_transactions_total{result="accepted"} 1.0' in metrics.text
+    assert 'directory_events_total{result="accepted"} 1.0' in metrics.text
+    assert "directory_inbox_events 0.0" in metrics.text
     assert 'directory_pending_fetches{state="due"} 1.0' in metrics.text
     assert "directory_entries 1.0" in metrics.text
     assert unknown.status_code == 404 and unknown.json()["errcode"] == "M_UNRECOGNIZED"

@@ -1,0 +1,79 @@
+"""SQL for the event inbox (directory/ingest.py explains the flow)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, delete, func, insert, select, text
+
+from directory.models import event_inbox
+from directory.storage.common import chunks, is_postgresql
+
+# Any constant: the key of the PostgreSQL advisory lock only the inbox consumer takes.
+CONSUMER_LOCK_KEY = 0x55_44_49_42
+# Transactions looked at per take; a homeserver sends at most 100 events in each.
+MAX_ROWS_PER_TAKE = 1000
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    id: int
+    payload: str
+
+
+@dataclass(frozen=True)
+class Taken:
+    items: list[InboxItem]
+    # Accepted transactions were left for the next take.
+    more: bool
+
+
+@dataclass(frozen=True)
+class Backlog:
+    transactions: int
+    events: int
+    oldest_ms: int | None
+
+
+def append(conn: Connection, payload: str, events: int, now_ms: int) -> None:
+    conn.execute(insert(event_inbox).values(received_at_ms=now_ms, events=events, payload=payload))
+
+
+def lock_consumer(conn: Connection) -> None:
+    """Wait until no other consumer is applying, for the rest of the caller's transaction.
+
+    On SQLite the transaction already holds the database's only write lock (BEGIN
+    IMMEDIATE), which is the same guarantee."""
+    if is_postgresql(conn):
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CONSUMER_LOCK_KEY})
+
+
+def take(conn: Connection, max_events: int) -> Taken:
+    """The oldest transactions, as many as fit in `max_events` (at least one)."""
+    t = event_inbox.c
+    counts = conn.execute(select(t.id, t.events).order_by(t.id).limit(MAX_ROWS_PER_TAKE)).all()
+    total, taken, last_id = 0, 0, None
+    for row_id, events in counts:
+        if last_id is not None and total + events > max_events:
+            break
+        total += events
+        taken += 1
+        last_id = row_id
+    if last_id is None:
+        return Taken([], False)
+    rows = conn.execute(select(t.id, t.payload).where(t.id <= last_id).order_by(t.id))
+    return Taken([InboxItem(row_id, payload) for row_id, payload in rows], taken < len(counts))
+
+
+def remove(conn: Connection, ids: Collection[int]) -> None:
+    for batch in chunks(sorted(ids)):
+        conn.execute(delete(event_inbox).where(event_inbox.c.id.in_(batch)))
+
+
+def backlog(conn: Connection) -> Backlog:
+    t = event_inbox.c
+    count, events, oldest = conn.execute(
+        select(func.count(), func.coalesce(func.sum(t.events), 0), func.min(t.received_at_ms))
+    ).one()
+    return Backlog(count, int(events), oldest)
