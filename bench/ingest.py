@@ -172,7 +172,7 @@ def profile_hooks(ctx: Context, bodies: list[bytes]) -> str:
     engine = get_resources().engine
     settings = get_resources().settings
     for body in bodies:
-        accept_transaction(engine, json.loads(body)["events"], wake=lambda: None)
+        accept_transaction(engine, json.loads(body)["events"])
     profiler = cProfile.Profile()
     started = time.perf_counter()
     batches = 0

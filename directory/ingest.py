@@ -9,22 +9,25 @@ statements as 100), deletes them from the inbox in that same transaction and han
 outcome to the publisher after commit. A crash leaves either the rows or their
 effects, never half of both; and applying events twice changes nothing.
 
-The caller supplies the wake-up and publish callables, so this module needs no Celery.
+Callers wake the consumer after accepting and supply the publish callable, so this
+module needs no Celery.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from directory import jsoncodec
 from directory.clock import now_ms
 from directory.config import Settings
 from directory.membership import BatchOutcome, process_events
 from directory.storage import inbox, transactions
+from directory.storage.common import is_postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +43,21 @@ class Applied:
     more: bool
 
 
-def accept_transaction(
-    engine: Engine, events: Sequence[object], wake: Wake, txn_id: str | None = None
-) -> bool:
-    """Durable when this returns; `wake` runs after the commit. False for a txn_id
-    accepted before (a replay), which is not stored again."""
-    payload = json.dumps(events, separators=(",", ":"), ensure_ascii=False)
+def accept_transaction(engine: Engine, events: Sequence[object], txn_id: str | None = None) -> bool:
+    """Durable when this returns; the caller then wakes the consumer. False for a
+    txn_id accepted before (a replay), which is not stored again."""
+    payload = jsoncodec.pack(events)
     now = now_ms()
     with engine.begin() as conn:
-        if txn_id is not None and not transactions.record(conn, txn_id, now, len(events)):
-            return False
-        inbox.append(conn, payload, len(events), now)
-    wake()
+        if txn_id is None:
+            inbox.append(conn, payload, len(events), now)
+        elif is_postgresql(conn):
+            if not inbox.append_unless_seen(conn, txn_id, payload, len(events), now):
+                return False
+        else:
+            if not transactions.record(conn, txn_id, now, len(events)):
+                return False
+            inbox.append(conn, payload, len(events), now)
     return True
 
 
@@ -80,7 +86,7 @@ def ingest_events(
 ) -> BatchOutcome:
     """Accept a batch and apply everything accepted so far, in this thread (tools and
     tests; the HTTP server leaves the applying to the workers)."""
-    accept_transaction(engine, events, wake=lambda: None)
+    accept_transaction(engine, events)
     total = BatchOutcome()
     while True:
         applied = apply_accepted(engine, settings, publish)
@@ -93,8 +99,8 @@ def _events_of(item: inbox.InboxItem) -> list[object]:
     # Only this module writes payloads, always a JSON array; anything else is dropped
     # loudly rather than blocking every transaction behind it.
     try:
-        events = json.loads(item.payload)
-    except ValueError:
+        events = jsoncodec.unpack(item.payload)
+    except (ValueError, zlib.error):
         events = None
     if not isinstance(events, list):
         logger.error("inbox row %d is not a JSON array of events; dropped", item.id)

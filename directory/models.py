@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -147,6 +148,6 @@ event_inbox = Table(
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
     Column("received_at_ms", BigInteger, nullable=False),
     Column("events", Integer, nullable=False),
-    # The transaction's `events` array, as JSON text.
-    Column("payload", Text, nullable=False),
+    # The transaction's `events` array: zlib-compressed JSON (directory/jsoncodec.py).
+    Column("payload", LargeBinary, nullable=False),
 )

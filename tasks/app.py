@@ -6,7 +6,8 @@
   not sit on fetches another could do.
 - Visibility timeout far above any task's run time and any countdown we use: Redis
   redelivers an unacknowledged task only after it.
-- Task events on, for Flower.
+- Task events on, for Flower (worker-side only: a "sent" event per publish would double
+  the cost of publishing, which the event consumer does in bulk).
 - Three queues, so operators can scale event processing, fetching and maintenance apart.
 """
 
@@ -50,7 +51,6 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     task_ignore_result=True,
     worker_prefetch_multiplier=1,
-    task_send_sent_event=True,
     worker_send_task_events=True,
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
     broker_connection_retry_on_startup=True,

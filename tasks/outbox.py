@@ -53,16 +53,24 @@ def publish_outcome(outcome: BatchOutcome) -> None:
 
 def publish_backfills(room_ids: Iterable[str]) -> int:
     resources = get_resources()
+    rooms = list(room_ids)
     sent = 0
-    for room_id in room_ids:
-        try:
-            if resources.redis.set(backfill_queued_key(room_id), 1, nx=True, px=QUEUED_MARK_TTL_MS):
+    try:
+        # One round trip marks every room: a batch can make thousands of rooms visible.
+        with resources.redis.pipeline(transaction=False) as pipe:
+            for room_id in rooms:
+                pipe.set(backfill_queued_key(room_id), 1, nx=True, px=QUEUED_MARK_TTL_MS)
+            marked = pipe.execute()
+        for room_id, is_new in zip(rooms, marked, strict=True):
+            if is_new:
                 app.send_task(BACKFILL_TASK, args=(room_id,), queue=EVENTS_QUEUE)
                 sent += 1
-        except Exception:
-            logger.warning(
-                "could not publish a backfill of %s; reconciliation will", room_id, exc_info=True
-            )
+    except Exception:
+        logger.warning(
+            "could not publish backfills of %d rooms; reconciliation will",
+            len(rooms),
+            exc_info=True,
+        )
     return sent
 
 

@@ -25,9 +25,14 @@ def upgrade() -> None:
         ),
         sa.Column("received_at_ms", sa.BigInteger, nullable=False),
         sa.Column("events", sa.Integer, nullable=False),
-        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("payload", sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_event_inbox"),
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # Payloads arrive compressed: no second compression attempt, and rows up to a
+        # page stay inline rather than being split into TOAST chunks.
+        op.execute("ALTER TABLE event_inbox ALTER COLUMN payload SET STORAGE EXTERNAL")
+        op.execute("ALTER TABLE event_inbox SET (toast_tuple_target = 8160)")
 
 
 def downgrade() -> None:

@@ -4,7 +4,8 @@ happens inside a request.
 
 A transaction is only accepted here (stored durably in the inbox, directory/ingest.py);
 the workers apply it. The app does not publish Celery tasks itself (the domain never
-imports Celery): the entry point hands it a `wake` callable, called after each commit.
+imports Celery): the entry point hands it a `wake` callable, run after the answer to
+each accepted transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prometheus_client import (
 )
 from sqlalchemy import Engine, func, select, text
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -112,14 +114,15 @@ def create_app(
         if not isinstance(events, list):
             raise MatrixError(400, "M_BAD_JSON", "events must be a list")
         # Committed before we answer: the homeserver may forget the transaction then.
-        # The workers apply it (directory/ingest.py); `wake` tells them after the commit.
-        accepted = await run_in_threadpool(accept_transaction, engine, events, wake, txn_id)
-        if accepted:
-            metrics.transactions.labels("accepted").inc()
-            metrics.events.labels("accepted").inc(len(events))
-        else:
+        # The workers apply it (directory/ingest.py), woken once the answer is sent: the
+        # wake-up is best effort (reconciliation covers a lost one), the answer is not.
+        accepted = await run_in_threadpool(accept_transaction, engine, events, txn_id)
+        if not accepted:
             metrics.transactions.labels("replayed").inc()
-        return JSONResponse({})
+            return JSONResponse({})
+        metrics.transactions.labels("accepted").inc()
+        metrics.events.labels("accepted").inc(len(events))
+        return JSONResponse({}, background=BackgroundTask(wake))
 
     async def ping(request: Request) -> Response:
         check_homeserver(request)

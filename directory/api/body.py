@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import Request
 
+from directory import jsoncodec
 from directory.api.errors import MatrixError
 
 
@@ -22,7 +22,7 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
             raise MatrixError(413, "M_TOO_LARGE", f"body larger than {max_bytes} bytes")
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
+        body = jsoncodec.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MatrixError(400, "M_NOT_JSON", "body is not valid JSON") from exc
     if not isinstance(body, dict):

@@ -18,7 +18,7 @@ from sqlalchemy import (
 from directory.dedup import SeenState
 from directory.events import ProfileValue, server_name_of
 from directory.models import pending_fetches, room_members, rooms, user_directory
-from directory.storage.common import any_of, chunks, id_batches, insert_for
+from directory.storage.common import any_of, chunks, id_batches, upsert_rows
 from directory.text import entry_keys
 
 _in_visible_room = select(room_members.c.user_id).join(
@@ -59,6 +59,24 @@ def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenSt
     return found
 
 
+# The columns create_placeholders fills; the profile columns (display_name, avatar_url,
+# fetched_at_ms, name_key) stay NULL until a fetch lands.
+_PLACEHOLDER_COLUMNS = (
+    "user_id",
+    "server_name",
+    "refresh_due_ms",
+    "in_public_room",
+    "created_at_ms",
+    "search_words",
+    "localpart_key",
+    "seen_displayname",
+    "seen_avatar_url",
+    "seen_room_id",
+    "seen_elsewhere",
+    "seen_per_room",
+)
+
+
 def _seen_columns(state: SeenState) -> dict[str, object]:
     value = state.value or ProfileValue(None, None)
     return {
@@ -74,28 +92,23 @@ def create_placeholders(
     conn: Connection, states: dict[str, SeenState], now_ms: int, refresh_due_ms: int
 ) -> None:
     """New entries showing nothing but the user id, until the public profile is fetched."""
-    rows = [
-        {
+    rows = []
+    for user_id, state in states.items():
+        keys = entry_keys(user_id, None)
+        row = {
             "user_id": user_id,
             "server_name": server_name_of(user_id),
-            "display_name": None,
-            "avatar_url": None,
-            "fetched_at_ms": None,
             "refresh_due_ms": refresh_due_ms,
             "in_public_room": False,
             "created_at_ms": now_ms,
-            **entry_keys(user_id, None),
+            "search_words": keys["search_words"],
+            "localpart_key": keys["localpart_key"],
             **_seen_columns(state),
         }
-        for user_id, state in states.items()
-    ]
-    for batch in chunks(rows):
-        # A concurrent writer (a backfill of another room) may have created the entry
-        # first; then its entry stands, and our queued fetch still runs.
-        conn.execute(
-            insert_for(conn, user_directory).on_conflict_do_nothing(index_elements=["user_id"]),
-            list(batch),
-        )
+        rows.append(tuple(row[name] for name in _PLACEHOLDER_COLUMNS))
+    # A concurrent writer (a backfill of another room) may have created the entry first;
+    # then its entry stands, and our queued fetch still runs.
+    upsert_rows(conn, user_directory, _PLACEHOLDER_COLUMNS, rows, conflict=("user_id",))
 
 
 def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:

@@ -5,9 +5,21 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, delete, func, insert, select, text
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    LargeBinary,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql
 
-from directory.models import event_inbox
+from directory.models import appservice_transactions, event_inbox
 from directory.storage.common import chunks, is_postgresql
 
 # Any constant: the key of the PostgreSQL advisory lock only the inbox consumer takes.
@@ -19,7 +31,7 @@ MAX_ROWS_PER_TAKE = 1000
 @dataclass(frozen=True)
 class InboxItem:
     id: int
-    payload: str
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,38 @@ class Backlog:
     oldest_ms: int | None
 
 
-def append(conn: Connection, payload: str, events: int, now_ms: int) -> None:
+def append(conn: Connection, payload: bytes, events: int, now_ms: int) -> None:
     conn.execute(insert(event_inbox).values(received_at_ms=now_ms, events=events, payload=payload))
+
+
+def append_unless_seen(
+    conn: Connection, txn_id: str, payload: bytes, events: int, now_ms: int
+) -> bool:
+    """Record the txn id and append its events in one statement (PostgreSQL; one round
+    trip on the path the homeserver waits for). False if the txn id was seen before.
+
+    A concurrent duplicate waits on the first one's txn id row and then inserts
+    nothing, so a transaction is stored once even when the homeserver retries
+    mid-request."""
+    seen = appservice_transactions
+    recorded = (
+        postgresql.insert(seen)
+        .values(txn_id=txn_id, received_at_ms=now_ms, events=events)
+        .on_conflict_do_nothing(index_elements=["txn_id"])
+        .returning(seen.c.txn_id)
+        .cte("recorded")
+    )
+    stored = conn.execute(
+        insert(event_inbox)
+        .from_select(
+            ["received_at_ms", "events", "payload"],
+            select(
+                literal(now_ms, BigInteger), literal(events, Integer), literal(payload, LargeBinary)
+            ).select_from(recorded),
+        )
+        .returning(event_inbox.c.id)
+    ).first()
+    return stored is not None
 
 
 def lock_consumer(conn: Connection) -> None:

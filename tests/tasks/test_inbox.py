@@ -27,7 +27,13 @@ def backlog(engine: Engine) -> inbox.Backlog:
 
 def accept_unannounced(engine: Engine, events: list) -> None:
     """Accepted and committed, but no worker is told (the wake-up was lost)."""
-    assert accept_transaction(engine, events, wake=lambda: None)
+    assert accept_transaction(engine, events)
+
+
+def accept_and_wake(engine: Engine, events: list) -> None:
+    """What the HTTP server does for each transaction."""
+    assert accept_transaction(engine, events)
+    wake_inbox_consumer()
 
 
 def test_transactions_are_applied_in_the_order_they_were_accepted(
@@ -35,12 +41,12 @@ def test_transactions_are_applied_in_the_order_they_were_accepted(
 ) -> None:
     homeserver.set_profile(ALICE, "Alice")
     processes.start_worker()
-    accept_transaction(db, [member(ROOM, BOB)], wake_inbox_consumer)
+    accept_and_wake(db, [member(ROOM, BOB)])
     # Alice joins and leaves 20 times, one transaction each, each announced: however
     # the runs interleave, only the last membership (a join) may show.
     for i in range(41):
         membership = "join" if i % 2 == 0 else "leave"
-        accept_transaction(db, [member(ROOM, ALICE, membership=membership)], wake_inbox_consumer)
+        accept_and_wake(db, [member(ROOM, ALICE, membership=membership)])
     wait_until(lambda: backlog(db).transactions == 0, timeout=20)
     wait_for_name(db, ALICE, "Alice")
 
@@ -64,7 +70,7 @@ def test_beat_wakes_the_consumer_when_a_wake_up_was_lost(
     processes.start_beat()
     # A stale mark says a consumer run is queued, but none is: only beat can tell.
     redis_client.set(INBOX_WAKE_KEY, 1)
-    accept_transaction(db, [member(ROOM, BOB), member(ROOM, ALICE)], wake_inbox_consumer)
+    accept_and_wake(db, [member(ROOM, BOB), member(ROOM, ALICE)])
     assert backlog(db).transactions == 1
     wait_for_name(db, ALICE, "Alice")
     assert backlog(db).transactions == 0

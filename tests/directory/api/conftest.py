@@ -18,8 +18,10 @@ from directory.api.app import create_app
 from directory.config import Settings
 from directory.ingest import apply_accepted
 from directory.membership import BatchOutcome
+from directory.storage import inbox
 from tests.conftest import with_settings
 from tests.support.fake_homeserver import FakeHomeserver
+from tests.support.processes import wait_until
 from tests.support.services import free_port
 
 
@@ -37,9 +39,27 @@ class RunningApi:
     settings: Settings
     published: Published
     homeserver: FakeHomeserver
+    engine: Engine
+    # Held while the stand-in worker applies; None when this server does not apply.
+    applying: threading.Lock | None
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10)
+
+    def settle(self) -> None:
+        """Until what was accepted is applied: the wake-up runs after the answer."""
+        if self.applying is None:
+            return
+
+        def inbox_empty() -> bool:
+            with self.engine.connect() as conn:
+                return inbox.backlog(conn).transactions == 0
+
+        # The last row leaves the inbox inside an apply that holds the lock until its
+        # outcome is published, so taking the lock after seeing it empty waits for that.
+        wait_until(inbox_empty, timeout=10)
+        with self.applying:
+            pass
 
 
 @pytest.fixture
@@ -51,13 +71,19 @@ def serve(
     settings: Settings, engine: Engine, homeserver: FakeHomeserver, *, apply: bool = True
 ) -> Iterator[RunningApi]:
     published = Published()
+    applying = threading.Lock()
 
     def apply_now() -> None:
         # Stands in for the workers: applies what was just accepted, in this thread.
-        while apply and apply_accepted(engine, settings, published).more:
-            pass
+        with applying:
+            while apply_accepted(engine, settings, published).more:
+                pass
 
-    app = create_app(settings, engine, aioredis.Redis.from_url(settings.redis_url), apply_now)
+    def leave_it() -> None:
+        pass
+
+    wake = apply_now if apply else leave_it
+    app = create_app(settings, engine, aioredis.Redis.from_url(settings.redis_url), wake)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -67,7 +93,8 @@ def serve(
         if time.monotonic() > deadline:
             raise RuntimeError("the API server did not start")
         time.sleep(0.02)
-    yield RunningApi(f"http://127.0.0.1:{port}", settings, published, homeserver)
+    url = f"http://127.0.0.1:{port}"
+    yield RunningApi(url, settings, published, homeserver, engine, applying if apply else None)
     server.should_exit = True
     thread.join(timeout=10)
 

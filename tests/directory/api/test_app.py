@@ -26,13 +26,16 @@ HS = {"Authorization": "Bearer hs-secret"}
 
 
 def put(api: RunningApi, txn: str, body: object, headers: dict | None = None, **kw):
+    """PUT a transaction and wait for the stand-in worker to apply it."""
     with api.client() as client:
-        return client.put(
+        response = client.put(
             f"/_matrix/app/v1/transactions/{txn}",
             json=body,
             headers=HS if headers is None else headers,
             **kw,
         )
+    api.settle()
+    return response
 
 
 def entry_ids(engine: Engine) -> set[str]:
@@ -55,6 +58,7 @@ def test_a_transaction_needs_the_hs_token(api: RunningApi, db: Engine) -> None:
     with api.client() as client:
         legacy = client.put("/transactions/t2?access_token=hs-secret", json=body)
     assert legacy.status_code == 200 and legacy.json() == {}
+    api.settle()
     assert entry_ids(db) == {BOB}
 
 
