@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from directory.models import pending_fetches, room_members
+from directory.storage import inbox
 from tests.e2e.conftest import Deployment
 from tests.support.processes import wait_until
 
@@ -33,6 +34,11 @@ def pending(testbed: Deployment, user_id: str) -> dict | None:
             select(pending_fetches).where(pending_fetches.c.user_id == user_id)
         ).one_or_none()
     return row._asdict() if row else None
+
+
+def inbox_events(testbed: Deployment) -> int:
+    with testbed.engine.connect() as conn:
+        return inbox.backlog(conn).events
 
 
 def test_per_room_names_never_leak_across_federation(federation: Deployment) -> None:
@@ -76,12 +82,16 @@ def test_per_room_names_never_leak_across_federation(federation: Deployment) -> 
     federation.wait_for_names(eve, "alicia", {alice.user_id: "Alicia"})
     assert federation.names(bob, "delia") == {}
 
-    # hs2 dies with a fetch pending: it backs off, then converges once hs2 returns.
+    # With no worker running, the rename is accepted (durable in the inbox) but not
+    # applied; hs2 then dies, and the next worker applies it and fails to fetch: it
+    # backs off, then converges once hs2 returns.
     federation.processes.kill("worker1")
     alice.set_displayname("Alicia Again")
-    wait_until(lambda: pending(federation, alice.user_id) is not None, 15, what="the trigger")
+    wait_until(lambda: inbox_events(federation) > 0, 15, what="the rename accepted")
+    assert pending(federation, alice.user_id) is None  # nobody applied it yet
     hs2.kill()
     federation.processes.start_worker("worker2")
+    wait_until(lambda: pending(federation, alice.user_id) is not None, 15, what="the trigger")
     wait_until(
         lambda: (pending(federation, alice.user_id) or {}).get("attempts", 0) >= 2,
         30,
