@@ -177,13 +177,16 @@ class Context:
             return row[0] if row else None
 
     def wait_quiet(self, timeout: float, quiet_seconds: float = 2.0) -> None:
-        """Until nothing is pending or awaiting backfill and the fake has seen no request
-        for `quiet_seconds`: the system has done everything it was asked."""
+        """Until nothing is waiting in the inbox, pending or awaiting backfill, and the
+        fake has seen no request for `quiet_seconds`: the system has done everything it
+        was asked."""
         assert self.fake
 
         def quiet() -> bool:
-            if self.scalar("SELECT count(*) FROM pending_fetches") or self.scalar(
-                "SELECT count(*) FROM rooms WHERE backfill_as IS NOT NULL"
+            if (
+                self.scalar("SELECT count(*) FROM event_inbox")
+                or self.scalar("SELECT count(*) FROM pending_fetches")
+                or self.scalar("SELECT count(*) FROM rooms WHERE backfill_as IS NOT NULL")
             ):
                 return False
             stats = self.fake.stats()
