@@ -5,22 +5,34 @@ semaphore) and so has at most one request in flight; it claims due users in smal
 batches from the pending table and works through them until none are due, the
 destination backs off, or its time budget ends. The database decides everything:
 a claim is a lease on the row, a per-user Redis lock only avoids duplicate requests.
+
+Between two requests a run does as little as it can, since that time is the
+destination's idle time: a batch's locks are taken and released in one Redis round
+trip each, and results are committed in groups (a few statements per group, not per
+user) by a committer thread of the run's own while the next request is in flight. A
+transient failure is committed before the run goes on, because it may back the
+destination off and end the run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import redis
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from directory.clock import now_ms
 from directory.config import Settings
-from directory.dedup import after_fetch
+from directory.dedup import SeenState, after_fetch
 from directory.events import ProfileValue
-from directory.locks import Lock, Semaphore
+from directory.locks import LockSet, Semaphore
 from directory.membership import next_refresh_ms
 from directory.profile_client import FetchResult, Outcome, ProfileClient
 from directory.storage import destinations, entries, pending
@@ -28,11 +40,26 @@ from directory.storage.pending import Claim
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # A user whose lock is held (another worker is fetching them) is looked at again after
 # this long rather than at once, so the two runs do not spin on each other.
 LOCK_BUSY_DELAY_MS = 2_000
 # Retry-After when a 429 carries none.
 DEFAULT_RATE_LIMIT_DELAY_S = 5.0
+# Results are committed in groups: one transaction per this many results, or per this
+# long since the group's first fetch, whichever comes first, so entries appear promptly.
+APPLY_GROUP_SIZE = 10
+APPLY_GROUP_SECONDS = 0.5
+# Result groups a run may fetch ahead of their commit.
+MAX_UNCOMMITTED_GROUPS = 2
+# A group's transaction chosen as a deadlock victim is tried again this many times in all.
+APPLY_ATTEMPTS = 3
+LOCK_CONFLICT_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
+# The run's semaphore slot is extended at most this often (and at least three times per
+# TTL): often enough that a live run never loses it.
+SLOT_EXTEND_INTERVAL_S = 10.0
+ANSWERS = (Outcome.OK, Outcome.NOT_FOUND, Outcome.FORBIDDEN)
 
 
 def slot_key(server_name: str) -> str:
@@ -41,6 +68,14 @@ def slot_key(server_name: str) -> str:
 
 def user_lock_key(user_id: str) -> str:
     return f"ud:fetch:{user_id}"
+
+
+@dataclass
+class GroupOutcome:
+    # Per user: "applied", "discarded" (the user left), "rate_limited" or "failed".
+    what: dict[str, str] = field(default_factory=dict)
+    # Destinations a TRANSIENT failure in the group backed off.
+    backed_off: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -71,47 +106,167 @@ def destination_retry_at(settings: Settings, failures: int, now: int) -> int | N
     return now + int(min(delay, settings.destination_backoff_max_seconds) * 1000)
 
 
-def apply_result(
-    conn: Connection, claim: Claim, result: FetchResult, settings: Settings, now: int
-) -> str:
-    """Record one answer in the caller's transaction; returns what happened."""
-    user_id, server = claim.user_id, claim.server_name
-    if result.outcome in (Outcome.OK, Outcome.NOT_FOUND, Outcome.FORBIDDEN):
-        # 404/403 are answers too: the public profile is nothing we may show, so the
-        # entry shows the placeholder. Never a value from an event.
-        profile = result.profile if result.outcome is Outcome.OK else None
-        profile = profile or ProfileValue(None, None)
-        refresh_due = next_refresh_ms(now, settings.profile_max_age_seconds)
-        exists = entries.apply_profile(conn, user_id, profile, now, refresh_due)
-        ask_again = False
-        if exists and result.outcome is Outcome.OK:
-            state = entries.seen_states(conn, [user_id])[user_id]
-            new_state, ask_again = after_fetch(state, profile)
-            if new_state != state:
-                entries.save_seen(conn, {user_id: new_state})
-        pending.complete(conn, claim)
-        if ask_again:
-            pending.queue(conn, [user_id], "recheck", now)
+def _shown_profile(result: FetchResult) -> ProfileValue:
+    # 404/403 are answers too: the public profile is nothing we may show, so the entry
+    # shows the placeholder. Never a value from an event.
+    profile = result.profile if result.outcome is Outcome.OK else None
+    return profile or ProfileValue(None, None)
+
+
+def _apply_answers(
+    conn: Connection, answered: Sequence[tuple[Claim, FetchResult]], settings: Settings, now: int
+) -> dict[str, str]:
+    """Store OK/404/403 answers, set-based; per user, "applied" or "discarded"."""
+    # Locked, so an entry found here is still there when its profile is written; one
+    # missing belongs to a user who left, and its answer is discarded.
+    states = entries.seen_states(conn, [claim.user_id for claim, _ in answered], lock=True)
+    profiles = {
+        claim.user_id: _shown_profile(result)
+        for claim, result in answered
+        if claim.user_id in states
+    }
+    refresh_due = {
+        user_id: next_refresh_ms(now, settings.profile_max_age_seconds) for user_id in profiles
+    }
+    entries.apply_profiles(conn, profiles, now, refresh_due)
+    changed: dict[str, SeenState] = {}
+    ask_again: list[str] = []
+    for claim, result in answered:
+        state = states.get(claim.user_id)
+        if state is None or result.outcome is not Outcome.OK:
+            continue
+        new_state, again = after_fetch(state, profiles[claim.user_id])
+        if new_state != state:
+            changed[claim.user_id] = new_state
+        if again:
+            ask_again.append(claim.user_id)
+    if changed:
+        entries.save_seen(conn, changed)
+    pending.complete(conn, [claim for claim, _ in answered])
+    if ask_again:
+        pending.queue(conn, ask_again, "recheck", now)
+    for server in sorted({claim.server_name for claim, _ in answered}):
         before = destinations.record_success(conn, server, now)
         if before.retry_after_ms is not None:
             revived = pending.revive_given_up(conn, server, now)
             logger.info("destination %s is back; %d users revived", server, revived)
-        return "applied" if exists else "discarded"
+    return {
+        claim.user_id: "applied" if claim.user_id in states else "discarded"
+        for claim, _ in answered
+    }
 
-    error = (result.error or result.outcome.value)[:200]
-    if result.outcome is Outcome.RATE_LIMITED:
+
+def _postpone_rate_limited(
+    conn: Connection, limited: Sequence[tuple[Claim, FetchResult]], now: int
+) -> None:
+    # A 429 is no failure of the user: no attempt is counted.
+    for claim, result in limited:
         delay = result.retry_after_seconds or DEFAULT_RATE_LIMIT_DELAY_S
+        error = (result.error or result.outcome.value)[:200]
         pending.postpone(conn, [claim], now + int(delay * 1000), error)
-        return "rate_limited"
 
-    attempts = claim.attempts + 1
-    pending.record_failure(conn, claim, user_retry_at(settings, attempts, now), error)
-    if result.outcome is Outcome.TRANSIENT:
-        failures = destinations.health(conn, server).consecutive_failures + 1
-        destinations.record_failure(
-            conn, server, now, error, destination_retry_at(settings, failures, now)
+
+def _record_destination_failure(
+    conn: Connection, server: str, error: str, settings: Settings, now: int
+) -> bool:
+    """Count a transient failure against the whole server; True if it is now backed off."""
+    failures = destinations.health(conn, server).consecutive_failures + 1
+    retry_at = destination_retry_at(settings, failures, now)
+    destinations.record_failure(conn, server, now, error, retry_at)
+    return retry_at is not None
+
+
+def apply_results(
+    conn: Connection, results: Sequence[tuple[Claim, FetchResult]], settings: Settings, now: int
+) -> GroupOutcome:
+    """Record a group of answers in the caller's transaction, a few statements for the
+    whole group.
+
+    Answers count before failures against the destination, so a TRANSIENT result must
+    be the group's last (DestinationRun applies a group as soon as one arrives) for the
+    outcome to equal applying the results one by one.
+    """
+    outcome = GroupOutcome()
+    answered = [(c, r) for c, r in results if r.outcome in ANSWERS]
+    limited = [(c, r) for c, r in results if r.outcome is Outcome.RATE_LIMITED]
+    failed = [(c, r) for c, r in results if r.outcome not in (*ANSWERS, Outcome.RATE_LIMITED)]
+    if answered:
+        outcome.what.update(_apply_answers(conn, answered, settings, now))
+    if limited:
+        _postpone_rate_limited(conn, limited, now)
+        outcome.what.update({claim.user_id: "rate_limited" for claim, _ in limited})
+    if failed:
+        pending.record_failures(
+            conn,
+            [
+                pending.Failure(
+                    claim,
+                    user_retry_at(settings, claim.attempts + 1, now),
+                    (result.error or result.outcome.value)[:200],
+                )
+                for claim, result in failed
+            ],
         )
-    return "failed"
+        outcome.what.update({claim.user_id: "failed" for claim, _ in failed})
+    for claim, result in failed:
+        if result.outcome is Outcome.TRANSIENT:
+            error = (result.error or result.outcome.value)[:200]
+            if _record_destination_failure(conn, claim.server_name, error, settings, now):
+                outcome.backed_off.add(claim.server_name)
+    return outcome
+
+
+class _SlotKeeper:
+    """Extends the run's semaphore slot now and then, not after every fetch: its TTL
+    only has to outlive a crashed holder, and a round trip per fetch is what made runs
+    slow."""
+
+    def __init__(self, slot: Semaphore, ttl_ms: int) -> None:
+        self.slot = slot
+        self.interval = min(SLOT_EXTEND_INTERVAL_S, ttl_ms / 1000 / 3)
+        self.next_at = time.monotonic() + self.interval
+
+    def keep(self) -> None:
+        if time.monotonic() >= self.next_at:
+            self.slot.extend()
+            self.next_at = time.monotonic() + self.interval
+
+
+class _Committer:
+    """Runs a run's commits in order on a thread of its own, so the next request does
+    not wait for the database: with dozens of threads sharing the GIL, a group's
+    transaction took a third of a slot's time, time the destination sat idle."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-commit")
+        self._pending: deque[Future[Any]] = deque()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future = self._executor.submit(fn, *args)
+        self._pending.append(future)
+        # The run stays at most this far ahead of the database, and a failed commit
+        # ends it soon.
+        while len(self._pending) > MAX_UNCOMMITTED_GROUPS:
+            self._pending.popleft().result()
+        return future
+
+    def wait(self) -> None:
+        """Until everything submitted is done; raises the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+@dataclass
+class _Turn:
+    """What one run carries from batch to batch."""
+
+    keeper: _SlotKeeper
+    committer: _Committer
+    deadline: float
+    report: RunReport
 
 
 class DestinationRun:
@@ -141,16 +296,27 @@ class DestinationRun:
         if not slot.acquire():
             return report
         report.acquired_slot = True
-        deadline = time.monotonic() + self.settings.fetch_task_budget_seconds
+        turn = _Turn(
+            keeper=_SlotKeeper(slot, self.lease_ms),
+            committer=_Committer(),
+            deadline=time.monotonic() + self.settings.fetch_task_budget_seconds,
+            report=report,
+        )
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < turn.deadline:
                 claims = self._claim(server_name, report)
                 if not claims:
                     break
-                if self._work_through(claims, slot, deadline, report):
+                if self._work_through(claims, turn):
                     break
         finally:
-            slot.release()
+            # Every result is committed before the run reports (and the task looks
+            # at what is still due).
+            try:
+                turn.committer.wait()
+            finally:
+                turn.committer.close()
+                slot.release()
         return report
 
     def _claim(self, server_name: str, report: RunReport) -> list[Claim]:
@@ -164,45 +330,81 @@ class DestinationRun:
                 conn, server_name, now, now + self.lease_ms, self.settings.fetch_batch_size
             )
 
-    def _work_through(
-        self, claims: list[Claim], slot: Semaphore, deadline: float, report: RunReport
-    ) -> bool:
-        """Fetch each claimed user; True if the run must stop."""
+    def _work_through(self, claims: list[Claim], turn: _Turn) -> bool:
+        """Fetch the claimed users whose lock we get; True if the run must stop."""
+        locks = LockSet(self.redis, self.lease_ms)
+        try:
+            taken = locks.acquire([user_lock_key(claim.user_id) for claim in claims])
+            busy = [claim for claim, ok in zip(claims, taken, strict=True) if not ok]
+            # Another worker is fetching them: look again once it is likely done.
+            self._give_back(busy, now_ms() + LOCK_BUSY_DELAY_MS, None)
+            mine = [claim for claim, ok in zip(claims, taken, strict=True) if ok]
+            return self._fetch_all(mine, turn)
+        finally:
+            # Queued after the batch's commits, so nobody fetches a user again before
+            # the database shows the answer.
+            turn.committer.submit(locks.release)
+
+    def _fetch_all(self, claims: list[Claim], turn: _Turn) -> bool:
+        group: list[tuple[Claim, FetchResult]] = []
+        group_started = time.monotonic()
         for index, claim in enumerate(claims):
-            if time.monotonic() >= deadline:
-                report.out_of_time = True
+            if time.monotonic() >= turn.deadline:
+                turn.report.out_of_time = True
+                turn.committer.submit(self._commit, group, turn.report)
                 self._give_back(claims[index:], now_ms(), "run out of time")
                 return True
-            lock = Lock(self.redis, user_lock_key(claim.user_id), self.lease_ms)
-            if not lock.acquire():
-                self._give_back([claim], now_ms() + LOCK_BUSY_DELAY_MS, None)
-                continue
+            if not group:
+                group_started = time.monotonic()
+            result = self.client.fetch(claim.user_id)
+            group.append((claim, result))
+            turn.keeper.keep()
+            if result.outcome is Outcome.TRANSIENT:
+                # Committed before going on: it may back the destination off, and then
+                # the users not yet tried wait with it.
+                if turn.committer.submit(self._commit, group, turn.report).result():
+                    turn.report.stopped_by_backoff = True
+                    self._give_back(claims[index + 1 :], now_ms(), None)
+                    return True
+                group = []
+            elif (
+                len(group) >= APPLY_GROUP_SIZE
+                or time.monotonic() - group_started >= APPLY_GROUP_SECONDS
+            ):
+                turn.committer.submit(self._commit, group, turn.report)
+                group = []
+        turn.committer.submit(self._commit, group, turn.report)
+        return False
+
+    def _commit(self, group: list[tuple[Claim, FetchResult]], report: RunReport) -> bool:
+        """Commit the group's results (on the committer's thread); True if the
+        destination backed off."""
+        if not group:
+            return False
+        for attempt in range(1, APPLY_ATTEMPTS + 1):
             try:
-                result = self.client.fetch(claim.user_id)
                 with self.engine.begin() as conn:
-                    what = apply_result(conn, claim, result, self.settings, now_ms())
-            finally:
-                lock.release()
-            slot.extend()
+                    outcome = apply_results(conn, group, self.settings, now_ms())
+                break
+            except DBAPIError as exc:
+                # Another transaction locked the same rows in another order; the
+                # database chose us to give way. Nothing was written: try again.
+                if attempt == APPLY_ATTEMPTS or not _is_lock_conflict(exc):
+                    raise
+        for what in outcome.what.values():
             if what == "applied":
                 report.applied += 1
             elif what == "discarded":
                 report.discarded += 1
             else:
                 report.failed += 1
-            if result.outcome is Outcome.TRANSIENT and self._backed_off(claim.server_name):
-                # The destination is down: the users not yet tried wait with it.
-                report.stopped_by_backoff = True
-                self._give_back(claims[index + 1 :], now_ms(), None)
-                return True
-        return False
-
-    def _backed_off(self, server_name: str) -> bool:
-        with self.engine.begin() as conn:
-            retry_after = destinations.health(conn, server_name).retry_after_ms
-        return retry_after is not None and retry_after > now_ms()
+        return bool(outcome.backed_off)
 
     def _give_back(self, claims: list[Claim], when: int, error: str | None) -> None:
         if claims:
             with self.engine.begin() as conn:
                 pending.postpone(conn, claims, when, error)
+
+
+def _is_lock_conflict(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in LOCK_CONFLICT_SQLSTATES

@@ -17,6 +17,7 @@ import enum
 import json
 import logging
 import math
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ from directory.text import (
 )
 
 logger = logging.getLogger(__name__)
+# httpx logs every request at INFO. A worker fetching hundreds of profiles a second
+# then spends its time queueing for the log handler's lock; _log below reports what
+# matters about each answer.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 PROFILE_PATH = "/_matrix/client/v3/profile/"
 # Quick retries live inside one task, so their waits stay short whatever the setting.
@@ -160,7 +165,7 @@ def _retry_after(response: httpx.Response, body: bytes) -> float:
 
 
 class ProfileClient:
-    """One pooled HTTP client; safe to share between worker threads."""
+    """Fetches profiles; safe to share between worker threads."""
 
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
         self._settings = settings
@@ -178,17 +183,36 @@ class ProfileClient:
         }
         if settings.as_token:
             headers["Authorization"] = f"Bearer {settings.as_token}"
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=settings.fetch_connect_timeout_seconds,
-                read=settings.fetch_read_timeout_seconds,
-                write=settings.fetch_connect_timeout_seconds,
-                pool=settings.fetch_connect_timeout_seconds,
-            ),
-            follow_redirects=False,
-            transport=transport,
+        self._headers = headers
+        self._timeout = httpx.Timeout(
+            connect=settings.fetch_connect_timeout_seconds,
+            read=settings.fetch_read_timeout_seconds,
+            write=settings.fetch_connect_timeout_seconds,
+            pool=settings.fetch_connect_timeout_seconds,
         )
+        self._transport = transport
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
+
+    def _http(self) -> httpx.Client:
+        """This thread's HTTP client. One per thread, not one shared pool: a shared pool
+        serialises every request's start and end on its lock (httpcore checks each
+        pooled connection under it), and with dozens of threads waiting for the GIL
+        that lock became the worker's bottleneck. A thread has one request in flight,
+        so its client keeps one connection alive."""
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(
+                headers=self._headers,
+                timeout=self._timeout,
+                follow_redirects=False,
+                transport=self._transport,
+            )
+            self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
 
     def __enter__(self) -> ProfileClient:
         return self
@@ -202,7 +226,11 @@ class ProfileClient:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+        self._local = threading.local()
 
     def fetch(self, user_id: str) -> FetchResult:
         """The user's public profile, retrying a transient failure a few times quickly."""
@@ -240,7 +268,7 @@ class ProfileClient:
         url = self._base_url + PROFILE_PATH + urllib.parse.quote(user_id, safe="")
         deadline = time.monotonic() + self._attempt_seconds
         try:
-            with self._client.stream("GET", url) as response:
+            with self._http().stream("GET", url) as response:
                 return self._judge(response, deadline)
         except httpx.TimeoutException as exc:
             return _result(Outcome.TRANSIENT, f"timeout: {type(exc).__name__}")

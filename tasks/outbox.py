@@ -75,11 +75,19 @@ def publish_backfills(room_ids: Iterable[str]) -> int:
 
 
 def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = None) -> int:
-    """Queue fetch runs for these destinations; returns how many tasks were sent."""
+    """Queue fetch runs for these destinations, those with the most due users first;
+    returns how many tasks were sent. The queue is FIFO and the biggest destination
+    takes longest to drain: started behind the others, it would hold up convergence."""
     resources = get_resources()
     settings = resources.settings
+    servers = list(servers)
+    order = due_counts
+    if order is None and len(servers) > 1:
+        # Only to order: rows committed right after this count must still find every
+        # slot's run, so the copies stay what they were without counts.
+        order = _due_counts(servers)
     sent = 0
-    for server in servers:
+    for server in sorted(servers, key=lambda s: -(order or {}).get(s, 0)):
         due = (due_counts or {}).get(server)
         # Enough runs to use the destination's slots, no more than its users need.
         copies = settings.per_destination_concurrency
@@ -97,6 +105,17 @@ def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = 
                 "could not publish fetches for %s; reconciliation will", server, exc_info=True
             )
     return sent
+
+
+def _due_counts(servers: list[str]) -> dict[str, int] | None:
+    """Due users per destination; None if the database cannot say (then the order is
+    the caller's)."""
+    try:
+        with get_resources().engine.connect() as conn:
+            return dict(pending.due_by_server(conn, now_ms(), servers))
+    except Exception:
+        logger.warning("could not count due fetches; publishing unordered", exc_info=True)
+        return None
 
 
 def destination_drained(server_name: str) -> None:

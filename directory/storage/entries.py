@@ -38,21 +38,27 @@ def visible_users(conn: Connection, user_ids: Collection[str]) -> set[str]:
     return found
 
 
-def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenState]:
-    """The dedup state of every existing entry among these users."""
+def seen_states(
+    conn: Connection, user_ids: Collection[str], *, lock: bool = False
+) -> dict[str, SeenState]:
+    """The dedup state of every existing entry among these users. `lock`: also hold the
+    rows (FOR UPDATE on PostgreSQL; SQLite's write transaction already excludes other
+    writers) so no entry found here can be deleted before the caller commits."""
     d = user_directory.c
     found: dict[str, SeenState] = {}
     for batch in id_batches(conn, user_ids):
-        rows = conn.execute(
-            select(
-                d.user_id,
-                d.seen_displayname,
-                d.seen_avatar_url,
-                d.seen_room_id,
-                d.seen_elsewhere,
-                d.seen_per_room,
-            ).where(any_of(conn, d.user_id, batch))
-        )
+        query = select(
+            d.user_id,
+            d.seen_displayname,
+            d.seen_avatar_url,
+            d.seen_room_id,
+            d.seen_elsewhere,
+            d.seen_per_room,
+        ).where(any_of(conn, d.user_id, batch))
+        if lock:
+            # One order for every locker, so two batches cannot wait on each other.
+            query = query.order_by(d.user_id).with_for_update()
+        rows = conn.execute(query)
         for user_id, name, avatar, room_id, elsewhere, per_room in rows:
             value = None if room_id is None else ProfileValue(name, avatar)
             found[user_id] = SeenState(value, room_id, bool(elsewhere), bool(per_room))
@@ -150,26 +156,33 @@ def refresh_public_flags(conn: Connection, user_ids: Collection[str]) -> None:
         )
 
 
-def apply_profile(
-    conn: Connection, user_id: str, profile: ProfileValue, now_ms: int, refresh_due_ms: int
-) -> bool:
-    """Store a fetched public profile. False if the entry is gone (the user left).
+def apply_profiles(
+    conn: Connection, profiles: dict[str, ProfileValue], now_ms: int, refresh_due_ms: dict[str, int]
+) -> None:
+    """Store fetched public profiles, one statement for all of them.
 
-    The UPDATE is the race guard: a fetch answered after the user left every visible
-    room touches no row and so cannot bring the entry back.
+    The WHERE on user_id is the race guard: an answer for a user who left every visible
+    room touches no row and so cannot bring the entry back. Callers that need to know
+    which entries exist lock them first (seen_states(lock=True)).
     """
-    result = conn.execute(
-        update(user_directory)
-        .where(user_directory.c.user_id == user_id)
-        .values(
-            display_name=profile.displayname,
-            avatar_url=profile.avatar_url,
-            fetched_at_ms=now_ms,
-            refresh_due_ms=refresh_due_ms,
+    rows = [
+        {
+            "uid": user_id,
+            "display_name": profile.displayname,
+            "avatar_url": profile.avatar_url,
+            "fetched_at_ms": now_ms,
+            "refresh_due_ms": refresh_due_ms[user_id],
             **entry_keys(user_id, profile.displayname),
+        }
+        for user_id, profile in sorted(profiles.items())
+    ]
+    for batch in chunks(rows):
+        conn.execute(
+            update(user_directory)
+            .where(user_directory.c.user_id == bindparam("uid"))
+            .values({name: bindparam(name) for name in batch[0] if name != "uid"}),
+            list(batch),
         )
-    )
-    return result.rowcount > 0
 
 
 def due_for_refresh(conn: Connection, now_ms: int, limit: int) -> list[str]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, tuple_, update
 
 from directory.events import server_name_of
 from directory.models import destinations, pending_fetches
-from directory.storage.common import chunks, insert_for, is_postgresql
+from directory.storage.common import any_of, chunks, insert_for, is_postgresql
 
 p = pending_fetches.c
 
@@ -63,7 +63,8 @@ def queue(conn: Connection, user_ids: Collection[str], reason: str, now_ms: int)
 def claim(
     conn: Connection, server_name: str, now_ms: int, lease_until_ms: int, limit: int
 ) -> list[Claim]:
-    """Take up to `limit` due users of one destination, oldest first, for this worker."""
+    """Take up to `limit` due users of one destination, oldest first, for this worker;
+    returned in user id order (RETURNING has none of its own)."""
     due = (
         select(p.user_id)
         .where(p.server_name == server_name, p.next_attempt_ms <= now_ms)
@@ -79,26 +80,52 @@ def claim(
         .values(next_attempt_ms=lease_until_ms)
         .returning(p.user_id, p.server_name, p.generation, p.attempts)
     )
-    return [Claim(*row) for row in rows]
+    return sorted((Claim(*row) for row in rows), key=lambda claim: claim.user_id)
 
 
-def complete(conn: Connection, claim: Claim) -> bool:
-    """Done with this generation. False if a newer trigger arrived meanwhile: the row
-    stays, due, for one more fetch."""
-    result = conn.execute(
-        delete(pending_fetches).where(p.user_id == claim.user_id, p.generation == claim.generation)
-    )
-    return result.rowcount > 0
+def complete(conn: Connection, claims: Collection[Claim]) -> None:
+    """Done with these generations, in one statement. A row whose generation moved on
+    (a newer trigger arrived meanwhile) stays, due, for one more fetch."""
+    for batch in chunks(sorted(claims, key=lambda c: c.user_id)):
+        conn.execute(
+            delete(pending_fetches).where(
+                tuple_(p.user_id, p.generation).in_([(c.user_id, c.generation) for c in batch])
+            )
+        )
 
 
-def record_failure(conn: Connection, claim: Claim, next_attempt_ms: int | None, error: str) -> None:
-    """Count a failed attempt; next_attempt_ms None gives up. A newer generation is left
-    alone: its trigger came after this attempt and deserves its own."""
-    conn.execute(
-        update(pending_fetches)
-        .where(p.user_id == claim.user_id, p.generation == claim.generation)
-        .values(attempts=claim.attempts + 1, next_attempt_ms=next_attempt_ms, last_error=error)
-    )
+@dataclass(frozen=True)
+class Failure:
+    claim: Claim
+    # None gives up until the next trigger or refresh.
+    next_attempt_ms: int | None
+    error: str
+
+
+def record_failures(conn: Connection, failures: Collection[Failure]) -> None:
+    """Count a failed attempt of each. A newer generation is left alone: its trigger
+    came after this attempt and deserves its own."""
+    rows = [
+        {
+            "uid": f.claim.user_id,
+            "gen": f.claim.generation,
+            "attempts": f.claim.attempts + 1,
+            "next_attempt_ms": f.next_attempt_ms,
+            "last_error": f.error,
+        }
+        for f in sorted(failures, key=lambda f: f.claim.user_id)
+    ]
+    for batch in chunks(rows):
+        conn.execute(
+            update(pending_fetches)
+            .where(p.user_id == bindparam("uid"), p.generation == bindparam("gen"))
+            .values(
+                attempts=bindparam("attempts"),
+                next_attempt_ms=bindparam("next_attempt_ms"),
+                last_error=bindparam("last_error"),
+            ),
+            list(batch),
+        )
 
 
 def postpone(
@@ -120,11 +147,13 @@ def _destination_open(now_ms: int):
     return or_(destinations.c.retry_after_ms.is_(None), destinations.c.retry_after_ms <= now_ms)
 
 
-def due_by_server(conn: Connection, now_ms: int) -> list[tuple[str, int]]:
-    """Destinations with due users and not backed off, the busiest first (it is the
-    longest to drain, so it should start first)."""
+def due_by_server(
+    conn: Connection, now_ms: int, servers: Collection[str] | None = None
+) -> list[tuple[str, int]]:
+    """Destinations (all, or among `servers`) with due users and not backed off, the
+    busiest first (it is the longest to drain, so it should start first)."""
     count = func.count().label("due")
-    rows = conn.execute(
+    query = (
         select(p.server_name, count)
         .select_from(
             pending_fetches.outerjoin(destinations, destinations.c.server_name == p.server_name)
@@ -133,7 +162,9 @@ def due_by_server(conn: Connection, now_ms: int) -> list[tuple[str, int]]:
         .group_by(p.server_name)
         .order_by(count.desc(), p.server_name)
     )
-    return [(server, int(n)) for server, n in rows]
+    if servers is not None:
+        query = query.where(any_of(conn, p.server_name, sorted(servers)))
+    return [(server, int(n)) for server, n in conn.execute(query)]
 
 
 def has_due(conn: Connection, server_name: str, now_ms: int) -> bool:

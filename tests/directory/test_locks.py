@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from directory.locks import Lock, Semaphore
+from directory.locks import Lock, LockSet, Semaphore
 
 
 def test_a_lock_has_one_owner_and_only_the_owner_releases_it(
@@ -46,3 +46,15 @@ def test_a_dead_holders_slot_frees_itself(redis_client: redis.Redis) -> None:
     time.sleep(0.3)
     assert alive.acquire()
     assert not dead.extend()  # its place is gone; it cannot take it back
+
+
+def test_a_lock_set_takes_free_keys_at_once_and_releases_only_its_own(
+    redis_client: redis.Redis,
+) -> None:
+    assert Lock(redis_client, "ud:b", 5_000).acquire()
+    batch = LockSet(redis_client, 5_000)
+    assert batch.acquire(["ud:a", "ud:b", "ud:c"]) == [True, False, True]
+    assert not LockSet(redis_client, 5_000).acquire(["ud:a"])[0]
+    assert batch.release() == 2
+    assert redis_client.exists("ud:a", "ud:c") == 0
+    assert redis_client.exists("ud:b") == 1  # someone else's
