@@ -9,14 +9,21 @@ allows; anything hostile is INVALID, and callers must then change nothing.
 
 The client never raises for network or protocol problems: every way a request can end
 is one `Outcome`, so callers decide policy (backoff, give up) in one place.
+
+It speaks HTTP/1.1 through the standard library's `http.client`, one keep-alive
+connection per thread: a worker makes hundreds of these requests a second, and a
+general-purpose client (httpx) cost three times the CPU per request, which made one
+worker process CPU-bound long before the remote servers' politeness limit was reached.
 """
 
 from __future__ import annotations
 
 import enum
+import http.client
 import json
 import logging
 import math
+import ssl
 import threading
 import time
 import urllib.parse
@@ -24,7 +31,6 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 
-import httpx
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential
 
 from directory.config import Settings
@@ -38,10 +44,6 @@ from directory.text import (
 )
 
 logger = logging.getLogger(__name__)
-# httpx logs every request at INFO. A worker fetching hundreds of profiles a second
-# then spends its time queueing for the log handler's lock; _log below reports what
-# matters about each answer.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 PROFILE_PATH = "/_matrix/client/v3/profile/"
 # Quick retries live inside one task, so their waits stay short whatever the setting.
@@ -51,6 +53,7 @@ DEFAULT_RETRY_AFTER_SECONDS = 5.0
 # A remote may not park one of our destinations for longer than this with one header.
 MAX_RETRY_AFTER_SECONDS = 3600.0
 MAX_ERROR_LENGTH = 200
+READ_CHUNK_BYTES = 64 * 1024
 
 
 class Outcome(enum.Enum):
@@ -137,10 +140,9 @@ def _errcode(body: bytes) -> str | None:
     return None
 
 
-def _retry_after(response: httpx.Response, body: bytes) -> float:
+def _retry_after(header: str | None, body: bytes) -> float:
     """Seconds to wait after a 429: Retry-After (seconds or HTTP date), else retry_after_ms."""
     seconds: float | None = None
-    header = response.headers.get("retry-after")
     if header is not None:
         header = header.strip()
         try:
@@ -167,10 +169,24 @@ def _retry_after(response: httpx.Response, body: bytes) -> float:
 class ProfileClient:
     """Fetches profiles; safe to share between worker threads."""
 
-    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        base = urllib.parse.urlsplit(settings.homeserver_url)
+        # A malformed URL fails every attempt (TRANSIENT, with the reason) instead of
+        # the process that merely holds a client.
+        self._url_error = (
+            None
+            if base.scheme in ("http", "https") and base.hostname
+            else f"HOMESERVER_URL is not an http(s) URL: {settings.homeserver_url!r}"
+        )
+        self._https = base.scheme == "https"
+        self._host = base.hostname or ""
+        self._port = base.port
         self._base_url = settings.homeserver_url.rstrip("/")
+        self._base_path = base.path.rstrip("/")
         self._max_bytes = settings.profile_max_bytes
+        self._connect_timeout = settings.fetch_connect_timeout_seconds
+        self._read_timeout = settings.fetch_read_timeout_seconds
         # The per-read timeout alone lets a trickling server hold us forever; the
         # deadline bounds one attempt as a whole.
         self._attempt_seconds = (
@@ -184,35 +200,34 @@ class ProfileClient:
         if settings.as_token:
             headers["Authorization"] = f"Bearer {settings.as_token}"
         self._headers = headers
-        self._timeout = httpx.Timeout(
-            connect=settings.fetch_connect_timeout_seconds,
-            read=settings.fetch_read_timeout_seconds,
-            write=settings.fetch_connect_timeout_seconds,
-            pool=settings.fetch_connect_timeout_seconds,
-        )
-        self._transport = transport
+        self._ssl = ssl.create_default_context() if self._https else None
         self._local = threading.local()
-        self._clients: list[httpx.Client] = []
-        self._clients_lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] = []
+        self._connections_lock = threading.Lock()
 
-    def _http(self) -> httpx.Client:
-        """This thread's HTTP client. One per thread, not one shared pool: a shared pool
-        serialises every request's start and end on its lock (httpcore checks each
-        pooled connection under it), and with dozens of threads waiting for the GIL
-        that lock became the worker's bottleneck. A thread has one request in flight,
-        so its client keeps one connection alive."""
-        client: httpx.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = httpx.Client(
-                headers=self._headers,
-                timeout=self._timeout,
-                follow_redirects=False,
-                transport=self._transport,
-            )
-            self._local.client = client
-            with self._clients_lock:
-                self._clients.append(client)
-        return client
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, connected; and whether it was open already."""
+        if self._url_error:
+            raise ValueError(self._url_error)
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._ssl is not None:
+                conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+                )
+            else:
+                conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._connect_timeout
+                )
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        if conn.sock is not None:
+            return conn, True
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)
+        return conn, False
 
     def __enter__(self) -> ProfileClient:
         return self
@@ -226,10 +241,10 @@ class ProfileClient:
         self.close()
 
     def close(self) -> None:
-        with self._clients_lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            client.close()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
         self._local = threading.local()
 
     def fetch(self, user_id: str) -> FetchResult:
@@ -265,22 +280,49 @@ class ProfileClient:
             )
 
     def _attempt(self, user_id: str) -> FetchResult:
-        url = self._base_url + PROFILE_PATH + urllib.parse.quote(user_id, safe="")
+        path = self._base_path + PROFILE_PATH + urllib.parse.quote(user_id, safe="")
         deadline = time.monotonic() + self._attempt_seconds
+        conn: http.client.HTTPConnection | None = None
         try:
-            with self._http().stream("GET", url) as response:
-                return self._judge(response, deadline)
-        except httpx.TimeoutException as exc:
+            conn, reused = self._connection()
+            try:
+                response = self._send(conn, path)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                # The server closed the idle keep-alive connection: a new one, once.
+                conn.close()
+                conn, _ = self._connection()
+                response = self._send(conn, path)
+            result = self._judge(response, deadline)
+            if not response.isclosed() or response.will_close:
+                # Unread body, or the server closes: this connection is done.
+                conn.close()
+            return result
+        except TimeoutError as exc:
+            self._discard(conn)
             return _result(Outcome.TRANSIENT, f"timeout: {type(exc).__name__}")
-        except httpx.ConnectError as exc:
+        except ConnectionRefusedError as exc:
+            self._discard(conn)
             return _result(Outcome.TRANSIENT, f"cannot connect: {exc}")
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            # ValueError: http.client refusing something malformed in the answer.
+            self._discard(conn)
             return _result(Outcome.TRANSIENT, f"{type(exc).__name__}: {exc}")
 
-    def _judge(self, response: httpx.Response, deadline: float) -> FetchResult:
-        status = response.status_code
+    def _send(self, conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
+        conn.request("GET", path, headers=self._headers)
+        return conn.getresponse()
+
+    @staticmethod
+    def _discard(conn: http.client.HTTPConnection | None) -> None:
+        if conn is not None:
+            conn.close()
+
+    def _judge(self, response: http.client.HTTPResponse, deadline: float) -> FetchResult:
+        status = response.status
         if status == 200:
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            encoding = (response.getheader("content-encoding") or "identity").strip().lower()
             if encoding not in ("", "identity"):
                 return _result(Outcome.INVALID, f"unrequested content encoding {encoding!r}")
             try:
@@ -294,7 +336,7 @@ class ProfileClient:
             return parse_profile(body)
 
         # Error bodies are only read for their errcode/retry hint, and only if small;
-        # reading them lets the connection go back to the pool.
+        # reading them lets the connection be used again.
         try:
             body = self._read_capped(response, deadline)
         except (_BodyTooLarge, _DeadlineExceeded):
@@ -315,24 +357,29 @@ class ProfileClient:
             return _result(Outcome.FORBIDDEN, detail)
         if status == 429:
             return _result(
-                Outcome.RATE_LIMITED, detail, retry_after_seconds=_retry_after(response, body)
+                Outcome.RATE_LIMITED,
+                detail,
+                retry_after_seconds=_retry_after(response.getheader("retry-after"), body),
             )
         if status == 401:
             logger.warning("homeserver rejected our AS token (%s); check AS_TOKEN", detail)
         return _result(Outcome.TRANSIENT, detail)
 
-    def _read_capped(self, response: httpx.Response, deadline: float) -> bytes:
-        declared = response.headers.get("content-length")
+    def _read_capped(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        declared = response.getheader("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self._max_bytes:
             raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
         # Raw bytes: we asked for identity, and decoding could expand past the cap.
-        for chunk in response.iter_raw():
+        while chunk := response.read1(READ_CHUNK_BYTES):
             size += len(chunk)
             if size > self._max_bytes:
                 raise _BodyTooLarge
             chunks.append(chunk)
             if time.monotonic() > deadline:
                 raise _DeadlineExceeded
+        # Nothing is left to read; this marks the response complete (read1 does not), so
+        # the connection is kept for the next request.
+        response.read()
         return b"".join(chunks)

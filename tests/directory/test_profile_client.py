@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import threading
 import time
 import tracemalloc
@@ -257,6 +258,52 @@ def test_disconnect_without_answer_is_transient(
     homeserver.script(ALICE, Disconnect())
 
     assert client.fetch(ALICE).outcome is Outcome.TRANSIENT
+
+
+class _OneAnswerPerConnection:
+    """A server that answers one request per connection with keep-alive promised, then
+    closes it while it sits idle, as homeservers and proxies do."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        body = json.dumps({"displayname": "Alice"}).encode()
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_idle_connection_closed_by_the_server_is_replaced_without_a_failure(
+    make_client: MakeClient,
+) -> None:
+    server = _OneAnswerPerConnection()
+    try:
+        client = make_client(homeserver_url=server.url, fetch_quick_retries=0)
+        first = client.fetch(ALICE)
+        time.sleep(0.2)  # the server has closed the kept-alive connection by now
+        second = client.fetch(ALICE)
+    finally:
+        server.close()
+    assert first.outcome is Outcome.OK and second.outcome is Outcome.OK
+    assert server.connections == 2
 
 
 def test_hang_beyond_read_timeout_is_transient_in_bounded_time(
