@@ -1,7 +1,8 @@
 """Worker process entry point: `python worker.py [celery worker options]`.
 
-Defaults: every queue, a thread pool (profile fetches wait on the network, not the
-CPU) of WORKER_CONCURRENCY threads, task events on for Flower. Any option given on the
+Defaults: every queue, a WORKER_POOL pool (threads unless configured: profile fetches
+wait on the network, not the CPU) of WORKER_CONCURRENCY threads or processes, task
+events on for Flower. Any option given on the
 command line wins, e.g. `python worker.py -Q fetch -c 32` for a fetch-only worker.
 """
 
@@ -16,10 +17,11 @@ from tasks.app import ALL_QUEUES, app
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
     defaults = {
         ("-Q", "--queues"): ",".join(ALL_QUEUES),
-        ("-P", "--pool"): "threads",
-        ("-c", "--concurrency"): str(get_settings().worker_concurrency),
+        ("-P", "--pool"): settings.worker_pool,
+        ("-c", "--concurrency"): str(settings.worker_concurrency),
         ("-l", "--loglevel"): "INFO",
     }
     args = ["worker", "--events", "--without-gossip", "--without-mingle"]

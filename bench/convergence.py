@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from bench.context import Context
-from bench.infra import MachineCpu, cpu_seconds, rss_bytes
+from bench.infra import MachineCpu, cpu_seconds, tree_rss_bytes
 from bench.load import converged, load_backlog, now_ms
 from bench.population import make_population
 from bench.reference import politeness_bound, simulate_reference, simulate_reference_with_wakeups
@@ -63,9 +63,12 @@ def run(ctx: Context) -> dict[str, Any]:
 def _one_run(ctx: Context, population: Any, workers: int, bound: float) -> dict[str, Any]:
     assert ctx.procs and ctx.fake
     ctx.reset_state()
-    names = ctx.start_workers(workers)
+    # The same fetch capacity, split over the workers: every prefork child holds its own
+    # database connections, and 2 x 24 of them would exhaust PostgreSQL's default 100.
+    per_worker = max(1, ctx.sizes.worker_concurrency // workers)
+    names = ctx.start_workers(workers, concurrency=per_worker)
     ctx.procs.start_beat()
-    rss_start = {n: rss_bytes(ctx.procs.pid(n)) for n in names}
+    rss_start = {n: tree_rss_bytes(ctx.procs.pid(n)) for n in names}
     watched = [*names, "fake", "server"]
     cpu_start = {n: cpu_seconds(ctx.procs.pid(n)) for n in watched}
     machine = MachineCpu()
@@ -95,13 +98,14 @@ def _one_run(ctx: Context, population: Any, workers: int, bound: float) -> dict[
     with ctx.db.connect() as conn:
         good, bad = converged(conn, population)
     stats = ctx.fake.stats()
-    rss_end = {n: rss_bytes(ctx.procs.pid(n)) for n in names}
+    rss_end = {n: tree_rss_bytes(ctx.procs.pid(n)) for n in names}
     ctx.procs.stop_matching("worker")
     ctx.procs.stop_matching("beat")
     largest = max(population.by_server, key=lambda s: len(population.by_server[s]))
     first, last_request = stats["span"].get(largest, [0.0, 0.0])
     return {
         "workers": workers,
+        "concurrency_per_worker": per_worker,
         "largest_server": {
             "users": len(population.by_server[largest]),
             "first_request_s": first - t0 / 1000,

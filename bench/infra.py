@@ -40,6 +40,18 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def tree_rss_bytes(pid: int) -> int:
+    """Resident set size of a process and its live children (a prefork pool's children
+    do the fetching; the parent only hands out tasks)."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            total += rss_bytes(p)
+        except (OSError, RuntimeError):
+            continue
+    return total
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as children:

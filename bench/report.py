@@ -78,6 +78,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _pool(results: dict[str, Any], run: dict[str, Any]) -> str:
+    per_worker = run.get("concurrency_per_worker")
+    pool = results.get("sizes", {}).get("worker_pool", "")
+    return f" x {per_worker} {pool}" if per_worker else ""
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per target: what was measured, against what, and whether it is met."""
     rows: list[dict[str, Any]] = []
@@ -123,7 +129,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for r in c["runs"]:
             rows.append(
                 {
-                    "name": f"convergence, {r['workers']} worker(s) ÷ politeness bound",
+                    "name": f"convergence, {r['workers']} worker(s)"
+                    f"{_pool(results, r)} ÷ politeness bound",
                     "measured": f"{_fmt(r['seconds'], 1)} s vs"
                     f" {_fmt(c['politeness_bound_seconds'], 1)} s; {r['rate_limited']} x 429",
                     "value": r["bound_ratio"],

@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.context import Context, percentile
 from bench.events import member_event, room_setup, transactions
-from bench.infra import MachineCpu, rss_bytes, wait_until
+from bench.infra import MachineCpu, tree_rss_bytes, wait_until
 from bench.load import load_backlog, now_ms, requeue_all
 from bench.population import LOCAL_SERVER, make_population, public_profile
 
@@ -228,7 +228,7 @@ def _rss(ctx: Context) -> dict[str, Any]:
         conn.commit()
     drain(RSS_MAX_SECONDS)
     warmup = ctx.fake.stats()["total_requests"]
-    before = rss_bytes(pid)
+    before = tree_rss_bytes(pid)
     samples = [(0, before / 2**20)]
     started = time.monotonic()
     fetched = 0
@@ -245,9 +245,9 @@ def _rss(ctx: Context) -> dict[str, Any]:
             conn.commit()
         drain(RSS_MAX_SECONDS)
         fetched = ctx.fake.stats()["total_requests"] - warmup
-        samples.append((fetched, rss_bytes(pid) / 2**20))
+        samples.append((fetched, tree_rss_bytes(pid) / 2**20))
     elapsed = time.monotonic() - started
-    after = rss_bytes(pid)
+    after = tree_rss_bytes(pid)
     ctx.procs.stop(name)
     ctx.fake.configure(sizes.latency_ms, sizes.max_concurrent)
     growth = after / before - 1
