@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,9 +45,9 @@ REFRESH_JITTER = 0.1
 class BatchOutcome:
     events: int = 0
     invalid: int = 0
-    # Destinations that now have due fetches: the caller publishes work for them after
-    # the transaction commits.
-    fetch_servers: set[str] = field(default_factory=set)
+    # Destinations that now have due fetches, with how many users this batch queued on
+    # each: the caller publishes work for them after the transaction commits.
+    fetch_servers: Counter[str] = field(default_factory=Counter)
     # Rooms that just became visible (a local user joined), with one local member to
     # read them as: their existing members were never sent to us.
     rooms_to_backfill: dict[str, str] = field(default_factory=dict)
@@ -56,7 +57,7 @@ class BatchOutcome:
     def merge(self, other: BatchOutcome) -> None:
         self.events += other.events
         self.invalid += other.invalid
-        self.fetch_servers |= other.fetch_servers
+        self.fetch_servers.update(other.fetch_servers)
         for room_id, reader in other.rooms_to_backfill.items():
             self.rooms_to_backfill.setdefault(room_id, reader)
         self.created += other.created
@@ -143,7 +144,7 @@ def process_events(
     )
     outcome.created, outcome.deleted = created, deleted
     pending.queue(conn, to_fetch, "event", now_ms)
-    outcome.fetch_servers = {server_name_of(user_id) for user_id in to_fetch}
+    outcome.fetch_servers = Counter(server_name_of(user_id) for user_id in to_fetch)
     return outcome
 
 

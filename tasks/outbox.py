@@ -47,7 +47,10 @@ def backfill_queued_key(room_id: str) -> str:
 
 def publish_outcome(outcome: BatchOutcome) -> None:
     """Everything a committed batch asks for: fetches, and backfills of joined rooms."""
-    publish_fetches(outcome.fetch_servers)
+    # The batch's own counts size the runs: a few new users on a server need one run,
+    # not one per slot (a later batch finding the mark set adds none; the run claims
+    # whatever is due until none is, and its end republishes with the true count).
+    publish_fetches(outcome.fetch_servers, dict(outcome.fetch_servers))
     publish_backfills(outcome.rooms_to_backfill)
 
 

@@ -62,7 +62,7 @@ def test_a_snapshot_adds_unknown_members_and_removes_departed_ones(db: Engine) -
     )
     outcome = apply(db, snapshot, counter(db))
     assert members(db) == {BOB, ALICE}
-    assert outcome.fetch_servers == {"remote.test"}
+    assert outcome.fetch_servers == {"remote.test": 1}
     with db.connect() as conn:
         assert room_store.backfill_reader(conn, ROOM) is None
 

@@ -66,7 +66,7 @@ def test_a_transaction_is_applied_once_accepted(api: RunningApi, db: Engine) -> 
     response = put(api, "t1", {"events": [member("!r:x", BOB), member("!r:x", ALICE)]})
     assert response.status_code == 200 and response.json() == {}
     assert entry_ids(db) == {BOB, ALICE}
-    assert api.published.outcomes[0].fetch_servers == {"remote.test", SERVER_NAME}
+    assert api.published.outcomes[0].fetch_servers == {"remote.test": 1, SERVER_NAME: 1}
     assert inbox_backlog(db).transactions == 0
 
 
