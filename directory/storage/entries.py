@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -117,8 +118,8 @@ def create_placeholders(
     upsert_rows(conn, user_directory, _PLACEHOLDER_COLUMNS, rows, conflict=("user_id",))
 
 
-def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:
-    rows = [{"uid": user_id, **_seen_columns(state)} for user_id, state in states.items()]
+def _update_entries(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """UPDATE each row's entry ("uid") with the row's other columns (the same in all)."""
     for batch in chunks(rows):
         conn.execute(
             update(user_directory)
@@ -126,6 +127,11 @@ def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:
             .values({name: bindparam(name) for name in batch[0] if name != "uid"}),
             list(batch),
         )
+
+
+def save_seen(conn: Connection, states: dict[str, SeenState]) -> None:
+    rows = [{"uid": user_id, **_seen_columns(state)} for user_id, state in states.items()]
+    _update_entries(conn, rows)
 
 
 def delete_entries(conn: Connection, user_ids: Collection[str]) -> int:
@@ -176,13 +182,7 @@ def apply_profiles(
         }
         for user_id, profile in sorted(profiles.items())
     ]
-    for batch in chunks(rows):
-        conn.execute(
-            update(user_directory)
-            .where(user_directory.c.user_id == bindparam("uid"))
-            .values({name: bindparam(name) for name in batch[0] if name != "uid"}),
-            list(batch),
-        )
+    _update_entries(conn, rows)
 
 
 def due_for_refresh(conn: Connection, now_ms: int, limit: int) -> list[str]:
