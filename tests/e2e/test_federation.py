@@ -36,6 +36,15 @@ def pending(testbed: Deployment, user_id: str) -> dict | None:
     return row._asdict() if row else None
 
 
+def what_we_hold(testbed: Deployment, user_id: str) -> str:
+    """Our side of a failure: is an event still waiting, which rooms hold the user."""
+    with testbed.engine.connect() as conn:
+        rooms = conn.scalars(
+            select(room_members.c.room_id).where(room_members.c.user_id == user_id)
+        ).all()
+    return f"inbox events {inbox_events(testbed)}, {user_id} in rooms {rooms}"
+
+
 def inbox_events(testbed: Deployment) -> int:
     with testbed.engine.connect() as conn:
         return inbox.backlog(conn).events
@@ -105,7 +114,11 @@ def test_per_room_names_never_leak_across_federation(federation: Deployment) -> 
     alice.leave(public)
     alice.leave(private)
     federation.wait_for_names(eve, "alice", {})
-    federation.wait_for_names(bob, "alice", {})
+    try:
+        # Longer: after hs2's restart its federation traffic to hs1 can lag.
+        federation.wait_for_names(bob, "alice", {}, timeout=90)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; {what_we_hold(federation, alice.user_id)}") from exc
 
 
 def test_local_per_room_names_and_private_rooms_on_one_homeserver(single: Deployment) -> None:

@@ -81,7 +81,7 @@ def test_first_sight_is_a_searchable_placeholder_until_the_fetch_lands(
 ) -> None:
     """Scenario 2, with a per-room name set in a PUBLIC room (Synapse would show it)."""
     homeserver.set_profile(ALICE, "Alice")
-    homeserver.set_server("remote.test", latency=1.0)
+    homeserver.set_server("remote.test", latency=0.5)
     processes.start_worker()
     ingest_events(
         [
