@@ -2,8 +2,8 @@
 
 Defaults: every queue, a WORKER_POOL pool (threads unless configured: profile fetches
 wait on the network, not the CPU) of WORKER_CONCURRENCY threads or processes, task
-events on for Flower. Any option given on the
-command line wins, e.g. `python worker.py -Q fetch -c 32` for a fetch-only worker.
+events on for Flower. Any option given on the command line wins, e.g.
+`python worker.py -Q fetch -c 32` for a fetch-only worker.
 """
 
 from __future__ import annotations

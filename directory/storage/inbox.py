@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from directory.models import appservice_transactions, event_inbox
-from directory.storage.common import chunks, is_postgresql
+from directory.storage.common import any_of, id_batches, is_postgresql
 
 # Any constant: the key of the PostgreSQL advisory lock only the inbox consumer takes.
 CONSUMER_LOCK_KEY = 0x55_44_49_42
@@ -109,8 +109,8 @@ def take(conn: Connection, max_events: int) -> Taken:
 
 
 def remove(conn: Connection, ids: Collection[int]) -> None:
-    for batch in chunks(sorted(ids)):
-        conn.execute(delete(event_inbox).where(event_inbox.c.id.in_(batch)))
+    for batch in id_batches(conn, ids):
+        conn.execute(delete(event_inbox).where(any_of(conn, event_inbox.c.id, batch)))
 
 
 def backlog(conn: Connection) -> Backlog:

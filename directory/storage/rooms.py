@@ -6,9 +6,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import (
-    ARRAY,
     Connection,
-    String,
     bindparam,
     delete,
     exists,
@@ -21,7 +19,14 @@ from sqlalchemy import (
 
 from directory.events import ProfileValue
 from directory.models import room_members, rooms
-from directory.storage.common import any_of, chunks, id_batches, is_postgresql, upsert_rows
+from directory.storage.common import (
+    any_of,
+    chunks,
+    id_batches,
+    is_postgresql,
+    rows_as_arrays,
+    upsert_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,7 @@ def member_values(
     if is_postgresql(conn) and pairs:
         # A join against the pairs as two arrays: one plan whatever the count, where a
         # row-value IN list costs one index probe branch per pair to plan and run.
-        keys = (
-            func.unnest(
-                bindparam("rooms", [r for r, _ in pairs], type_=ARRAY(String)),
-                bindparam("users", [u for _, u in pairs], type_=ARRAY(String)),
-            )
-            .table_valued("room_id", "user_id")
-            .render_derived()
-        )
+        keys = rows_as_arrays(room_members, ("room_id", "user_id"), sorted(pairs)).subquery()
         rows = conn.execute(
             select(m.room_id, m.user_id, m.displayname, m.avatar_url).join(
                 keys, (m.room_id == keys.c.room_id) & (m.user_id == keys.c.user_id)
