@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench.infra import Database, Fake, PrivateRedis, Processes, free_port, wait_until
 from bench.population import LOCAL_SERVER
@@ -149,26 +149,21 @@ class Context:
             self.procs.wait_for_log(name, b" ready.")
         return names
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.server_url, timeout=60)
+    def http(self) -> TransactionSender:
+        return TransactionSender(self.server_url)
 
     def send_transactions(
-        self, client: httpx.Client, bodies: Iterable[bytes], prefix: str
+        self, client: TransactionSender, bodies: Iterable[bytes], prefix: str
     ) -> list[float]:
         """PUT each body as one appservice transaction, one at a time as a homeserver
         does; returns each transaction's round trip in seconds."""
         latencies = []
-        headers = {"Authorization": f"Bearer {HS_TOKEN}", "Content-Type": "application/json"}
         for i, body in enumerate(bodies):
             started = time.perf_counter()
-            response = client.put(
-                f"/_matrix/app/v1/transactions/{prefix}-{i}", content=body, headers=headers
-            )
+            status, text = client.put(f"/_matrix/app/v1/transactions/{prefix}-{i}", body)
             latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                raise RuntimeError(
-                    f"transaction {prefix}-{i}: HTTP {response.status_code} {response.text[:200]}"
-                )
+            if status != 200:
+                raise RuntimeError(f"transaction {prefix}-{i}: HTTP {status} {text[:200]}")
         return latencies
 
     def scalar(self, sql: str, *params: Any) -> Any:
@@ -194,3 +189,38 @@ class Context:
             return stats["now"] - last >= quiet_seconds
 
         wait_until(quiet, timeout, 0.25, "the pipeline to go quiet")
+
+
+class TransactionSender:
+    """The homeserver's side of appservice transactions: one keep-alive connection,
+    one PUT at a time. http.client rather than httpx: the sender shares the machine's
+    two cores with what it measures, and httpx costs about 0.9 ms of CPU per request
+    more, which a one-at-a-time sender adds to every round trip."""
+
+    def __init__(self, base_url: str) -> None:
+        url = urllib.parse.urlsplit(base_url)
+        self._connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        self._headers = {
+            "Authorization": f"Bearer {HS_TOKEN}",
+            "Content-Type": "application/json",
+        }
+
+    def put(self, path: str, body: bytes) -> tuple[int, str]:
+        try:
+            return self._put(path, body)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed the idle connection (uvicorn's keep-alive timeout); a
+            # transaction is idempotent by its id, so sending it again is safe.
+            self._connection.close()
+            return self._put(path, body)
+
+    def _put(self, path: str, body: bytes) -> tuple[int, str]:
+        self._connection.request("PUT", path, body=body, headers=self._headers)
+        response = self._connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+
+    def __enter__(self) -> TransactionSender:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._connection.close()

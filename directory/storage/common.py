@@ -9,6 +9,7 @@ from sqlalchemy import (
     ARRAY,
     ColumnElement,
     Connection,
+    Engine,
     Select,
     Table,
     any_,
@@ -43,7 +44,7 @@ def chunks(items: Iterable[T], size: int = CHUNK_SIZE) -> Iterator[Sequence[T]]:
         yield batch
 
 
-def is_postgresql(conn: Connection) -> bool:
+def is_postgresql(conn: Connection | Engine) -> bool:
     return conn.dialect.name == "postgresql"
 
 
