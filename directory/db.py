@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -40,7 +41,16 @@ def make_engine(url: str) -> Engine:
         # writers never deadlock upgrading read locks.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    event.listen(engine, "connect", _send_lists_as_binary_arrays)
+    return engine
+
+
+def _send_lists_as_binary_arrays(dbapi_connection, _record) -> None:
+    # The storage layer passes thousands of ids as one array parameter (= ANY, unnest).
+    # psycopg's default text format escapes every element in Python, about 0.8 us each;
+    # the binary format is ~5x cheaper, and that was a quarter of applying a batch.
+    dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def _configure_sqlite(dbapi_connection, _record) -> None:

@@ -120,8 +120,7 @@ def process_events(
         ),
     )
     room_store.remove_members(conn, (key for key, m in final.items() if m.membership != "join"))
-    room_store.recompute_flags(conn, room_ids)
-    after = room_store.flags(conn, room_ids)
+    after = before | room_store.recompute_flags(conn, room_ids)
 
     became_visible = {r for r in room_ids if after[r].is_visible and not before[r].is_visible}
     became_invisible = {r for r in room_ids if before[r].is_visible and not after[r].is_visible}
@@ -181,7 +180,8 @@ def reconcile_users(
 
     Returns the users to fetch, and how many entries were created and deleted.
     """
-    visible = entries.visible_users(conn, affected)
+    public_flags = entries.visible_users(conn, affected)
+    visible = public_flags.keys()
     deleted = entries.delete_entries(conn, affected - visible)
     existing = entries.seen_states(conn, visible)
     new_users = visible - existing.keys()
@@ -205,7 +205,10 @@ def reconcile_users(
         {user_id: states[user_id] for user_id in new_users},
         now_ms,
         next_refresh_ms(now_ms, profile_max_age_seconds),
+        in_public_room={user_id for user_id in new_users if public_flags[user_id]},
     )
     entries.save_seen(conn, {u: states[u] for u in changed - new_users})
-    entries.refresh_public_flags(conn, visible)
+    # Every visible user, the new ones included: a concurrent writer (a backfill) may
+    # have created an entry the placeholder INSERT then left as it was.
+    entries.set_public_flags(conn, public_flags)
     return to_fetch, len(new_users), deleted

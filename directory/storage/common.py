@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -14,9 +14,11 @@ from sqlalchemy import (
     Table,
     any_,
     bindparam,
+    delete,
     func,
     select,
 )
+from sqlalchemy import update as sql_update
 from sqlalchemy.dialects import postgresql, sqlite
 
 T = TypeVar("T")
@@ -90,17 +92,20 @@ def upsert_rows(
     *,
     conflict: Sequence[str],
     update: Sequence[str] = (),
+    also_set: Mapping[str, Any] | None = None,
 ) -> None:
     """INSERT `rows` (tuples in `names` order) ON CONFLICT (`conflict`) DO NOTHING, or
-    DO UPDATE the `update` columns. One statement on PostgreSQL, whatever the count."""
+    DO UPDATE the `update` columns to the new row's values and the `also_set` columns
+    to their expressions. One statement on PostgreSQL, whatever the count."""
     if not rows:
         return
 
     def on_conflict(stmt: Any) -> Any:
-        if not update:
+        if not update and not also_set:
             return stmt.on_conflict_do_nothing(index_elements=list(conflict))
         return stmt.on_conflict_do_update(
-            index_elements=list(conflict), set_={name: stmt.excluded[name] for name in update}
+            index_elements=list(conflict),
+            set_={**{name: stmt.excluded[name] for name in update}, **(also_set or {})},
         )
 
     if is_postgresql(conn):
@@ -111,3 +116,51 @@ def upsert_rows(
         conn.execute(
             on_conflict(sqlite.insert(table)), [dict(zip(names, row, strict=True)) for row in batch]
         )
+
+
+def update_rows(
+    conn: Connection,
+    table: Table,
+    key: str,
+    names: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+) -> None:
+    """UPDATE the row whose `key` is each row's first value, setting the `names`
+    columns to the rest (tuples in (key, *names) order; one row per key). One
+    `UPDATE ... FROM unnest(...)` on PostgreSQL, whatever the count."""
+    if not rows:
+        return
+    if is_postgresql(conn):
+        values = rows_as_arrays(table, (key, *names), rows).subquery()
+        conn.execute(
+            sql_update(table)
+            .where(table.c[key] == values.c[key])
+            .values({name: values.c[name] for name in names})
+        )
+        return
+    statement = (
+        sql_update(table)
+        .where(table.c[key] == bindparam("_key"))
+        .values({name: bindparam(name) for name in names})
+    )
+    for batch in chunks(rows):
+        conn.execute(
+            statement, [{"_key": row[0], **dict(zip(names, row[1:], strict=True))} for row in batch]
+        )
+
+
+def delete_rows(
+    conn: Connection, table: Table, names: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """DELETE the rows matching each tuple of `names` values. One statement on
+    PostgreSQL, whatever the count."""
+    rows = list(rows)
+    if not rows:
+        return
+    if is_postgresql(conn):
+        keys = rows_as_arrays(table, names, rows).subquery()
+        conn.execute(delete(table).where(*(table.c[name] == keys.c[name] for name in names)))
+        return
+    statement = delete(table).where(*(table.c[name] == bindparam(name) for name in names))
+    for batch in chunks(rows):
+        conn.execute(statement, [dict(zip(names, row, strict=True)) for row in batch])

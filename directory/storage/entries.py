@@ -8,9 +8,10 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     and_,
-    bindparam,
+    case,
     delete,
     exists,
+    func,
     not_,
     select,
     update,
@@ -19,7 +20,14 @@ from sqlalchemy import (
 from directory.dedup import SeenState
 from directory.events import ProfileValue, server_name_of
 from directory.models import pending_fetches, room_members, rooms, user_directory
-from directory.storage.common import any_of, chunks, id_batches, upsert_rows
+from directory.storage.common import (
+    any_of,
+    id_batches,
+    is_postgresql,
+    rows_as_arrays,
+    update_rows,
+    upsert_rows,
+)
 from directory.text import entry_keys
 
 _in_visible_room = select(room_members.c.user_id).join(
@@ -27,15 +35,19 @@ _in_visible_room = select(room_members.c.user_id).join(
 )
 
 
-def visible_users(conn: Connection, user_ids: Collection[str]) -> set[str]:
-    """The users among these joined to at least one room we can see."""
-    found: set[str] = set()
+def visible_users(conn: Connection, user_ids: Collection[str]) -> dict[str, bool]:
+    """The users among these joined to at least one room we can see, each with whether
+    one of those rooms is public or world-readable (the entry's in_public_room)."""
+    in_public_room = func.max(case((rooms.c.is_public, 1), else_=0))
+    found: dict[str, bool] = {}
     for batch in id_batches(conn, user_ids):
-        found.update(
-            conn.scalars(
-                _in_visible_room.where(any_of(conn, room_members.c.user_id, batch)).distinct()
-            )
+        rows = conn.execute(
+            select(room_members.c.user_id, in_public_room)
+            .join(rooms, and_(rooms.c.room_id == room_members.c.room_id, rooms.c.is_visible))
+            .where(any_of(conn, room_members.c.user_id, batch))
+            .group_by(room_members.c.user_id)
         )
+        found.update((user_id, bool(public)) for user_id, public in rows)
     return found
 
 
@@ -96,9 +108,14 @@ def _seen_columns(state: SeenState) -> dict[str, object]:
 
 
 def create_placeholders(
-    conn: Connection, states: dict[str, SeenState], now_ms: int, refresh_due_ms: int
+    conn: Connection,
+    states: dict[str, SeenState],
+    now_ms: int,
+    refresh_due_ms: int,
+    in_public_room: Collection[str] = (),
 ) -> None:
-    """New entries showing nothing but the user id, until the public profile is fetched."""
+    """New entries showing nothing but the user id, until the public profile is fetched.
+    `in_public_room`: those of these users who share a public room."""
     rows = []
     for user_id, state in states.items():
         keys = entry_keys(user_id, None)
@@ -106,7 +123,7 @@ def create_placeholders(
             "user_id": user_id,
             "server_name": server_name_of(user_id),
             "refresh_due_ms": refresh_due_ms,
-            "in_public_room": False,
+            "in_public_room": user_id in in_public_room,
             "created_at_ms": now_ms,
             "search_words": keys["search_words"],
             "localpart_key": keys["localpart_key"],
@@ -120,12 +137,14 @@ def create_placeholders(
 
 def _update_entries(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """UPDATE each row's entry ("uid") with the row's other columns (the same in all)."""
-    for batch in chunks(rows):
-        conn.execute(
-            update(user_directory)
-            .where(user_directory.c.user_id == bindparam("uid"))
-            .values({name: bindparam(name) for name in batch[0] if name != "uid"}),
-            list(batch),
+    if rows:
+        names = [name for name in rows[0] if name != "uid"]
+        update_rows(
+            conn,
+            user_directory,
+            "user_id",
+            names,
+            [(row["uid"], *(row[name] for name in names)) for row in rows],
         )
 
 
@@ -146,20 +165,31 @@ def delete_entries(conn: Connection, user_ids: Collection[str]) -> int:
     return deleted
 
 
-def refresh_public_flags(conn: Connection, user_ids: Collection[str]) -> None:
-    """in_public_room: joined to a visible room that is public or world-readable."""
-    in_public_room = exists().where(
-        room_members.c.user_id == user_directory.c.user_id,
-        rooms.c.room_id == room_members.c.room_id,
-        rooms.c.is_visible,
-        rooms.c.is_public,
-    )
-    for batch in id_batches(conn, user_ids):
+def set_public_flags(conn: Connection, flags: dict[str, bool]) -> None:
+    """Set in_public_room of these entries. Only the entries whose flag changes are
+    written: the flag is in two indexes, so every rewritten row also costs index
+    entries, and most batches change few."""
+    if not flags:
+        return
+    d = user_directory.c
+    if is_postgresql(conn):
+        values = rows_as_arrays(
+            user_directory, ("user_id", "in_public_room"), sorted(flags.items())
+        ).subquery()
         conn.execute(
             update(user_directory)
-            .where(any_of(conn, user_directory.c.user_id, batch))
-            .values(in_public_room=in_public_room)
+            .where(d.user_id == values.c.user_id, d.in_public_room != values.c.in_public_room)
+            .values(in_public_room=values.c.in_public_room)
         )
+        return
+    for flag in (True, False):
+        users = [user_id for user_id, public in flags.items() if public == flag]
+        for batch in id_batches(conn, users):
+            conn.execute(
+                update(user_directory)
+                .where(any_of(conn, d.user_id, batch), d.in_public_room != flag)
+                .values(in_public_room=flag)
+            )
 
 
 def apply_profiles(
@@ -200,14 +230,7 @@ def due_for_refresh(conn: Connection, now_ms: int, limit: int) -> list[str]:
 
 
 def postpone_refresh(conn: Connection, due: Iterable[tuple[str, int]]) -> None:
-    rows = [{"uid": user_id, "due": due_ms} for user_id, due_ms in due]
-    for batch in chunks(rows):
-        conn.execute(
-            update(user_directory)
-            .where(user_directory.c.user_id == bindparam("uid"))
-            .values(refresh_due_ms=bindparam("due")),
-            list(batch),
-        )
+    update_rows(conn, user_directory, "user_id", ("refresh_due_ms",), list(due))
 
 
 def delete_orphans(conn: Connection) -> int:

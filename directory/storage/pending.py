@@ -14,7 +14,7 @@ from sqlalchemy import Connection, bindparam, delete, func, or_, select, tuple_,
 
 from directory.events import server_name_of
 from directory.models import destinations, pending_fetches
-from directory.storage.common import any_of, chunks, insert_for, is_postgresql
+from directory.storage.common import any_of, chunks, is_postgresql, upsert_rows
 
 p = pending_fetches.c
 
@@ -30,34 +30,26 @@ class Claim:
 def queue(conn: Connection, user_ids: Collection[str], reason: str, now_ms: int) -> None:
     """Ask for a fetch of each user now. A user already pending gets a new generation
     (so a fetch in flight does not clear the row) and a fresh attempt budget."""
-    for batch in chunks(sorted(user_ids)):
-        stmt = insert_for(conn, pending_fetches)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["user_id"],
-            set_={
-                "generation": pending_fetches.c.generation + 1,
-                "attempts": 0,
-                "next_attempt_ms": stmt.excluded.next_attempt_ms,
-                "reason": stmt.excluded.reason,
-                "last_error": None,
-                "queued_at_ms": stmt.excluded.queued_at_ms,
-            },
-        )
-        conn.execute(
-            stmt,
-            [
-                {
-                    "user_id": user_id,
-                    "server_name": server_name_of(user_id),
-                    "generation": 1,
-                    "attempts": 0,
-                    "next_attempt_ms": now_ms,
-                    "reason": reason,
-                    "queued_at_ms": now_ms,
-                }
-                for user_id in batch
-            ],
-        )
+    upsert_rows(
+        conn,
+        pending_fetches,
+        (
+            "user_id",
+            "server_name",
+            "generation",
+            "attempts",
+            "next_attempt_ms",
+            "reason",
+            "queued_at_ms",
+        ),
+        [
+            (user_id, server_name_of(user_id), 1, 0, now_ms, reason, now_ms)
+            for user_id in sorted(user_ids)
+        ],
+        conflict=("user_id",),
+        update=("next_attempt_ms", "reason", "queued_at_ms"),
+        also_set={"generation": p.generation + 1, "attempts": 0, "last_error": None},
+    )
 
 
 def claim(

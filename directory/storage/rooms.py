@@ -22,6 +22,7 @@ from directory.models import room_members, rooms
 from directory.storage.common import (
     any_of,
     chunks,
+    delete_rows,
     id_batches,
     is_postgresql,
     rows_as_arrays,
@@ -72,8 +73,11 @@ def set_history_visibility(conn: Connection, values: dict[str, str]) -> None:
         )
 
 
-def recompute_flags(conn: Connection, room_ids: Collection[str]) -> None:
-    """Derive is_public from the room's state and is_visible from its local members."""
+def recompute_flags(conn: Connection, room_ids: Collection[str]) -> dict[str, RoomFlags]:
+    """Derive is_public from the room's state and is_visible from its local members.
+
+    Returns the new flags of the rooms whose flags changed. Rooms whose flags hold
+    already are not written: a batch touches thousands of rooms and changes few."""
     has_local_member = exists().where(
         room_members.c.room_id == rooms.c.room_id, room_members.c.is_local
     )
@@ -82,12 +86,23 @@ def recompute_flags(conn: Connection, room_ids: Collection[str]) -> None:
         func.coalesce(rooms.c.join_rule, "") == "public",
         func.coalesce(rooms.c.history_visibility, "") == "world_readable",
     )
+    changed: dict[str, RoomFlags] = {}
     for batch in id_batches(conn, room_ids):
-        conn.execute(
+        rows = conn.execute(
             update(rooms)
-            .where(any_of(conn, rooms.c.room_id, batch))
+            .where(
+                any_of(conn, rooms.c.room_id, batch),
+                or_(
+                    rooms.c.is_visible.is_distinct_from(has_local_member),
+                    rooms.c.is_public.is_distinct_from(is_public),
+                ),
+            )
             .values(is_visible=has_local_member, is_public=is_public)
+            .returning(rooms.c.room_id, rooms.c.is_visible, rooms.c.is_public)
         )
+        for room_id, is_visible, is_public_now in rows:
+            changed[room_id] = RoomFlags(bool(is_visible), bool(is_public_now))
+    return changed
 
 
 def member_values(
@@ -133,14 +148,7 @@ def add_members(conn: Connection, rows: Iterable[tuple[str, str, bool, ProfileVa
 
 
 def remove_members(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
-    for batch in chunks(pairs):
-        conn.execute(
-            delete(room_members).where(
-                room_members.c.room_id == bindparam("rid"),
-                room_members.c.user_id == bindparam("uid"),
-            ),
-            [{"rid": r, "uid": u} for r, u in batch],
-        )
+    delete_rows(conn, room_members, ("room_id", "user_id"), pairs)
 
 
 def members_of(conn: Connection, room_ids: Collection[str]) -> set[str]:
