@@ -120,7 +120,14 @@ def process_events(
         ),
     )
     room_store.remove_members(conn, (key for key, m in final.items() if m.membership != "join"))
-    after = before | room_store.recompute_flags(conn, room_ids)
+    # A room's flags follow from its state events (is_public) and its local members
+    # (is_visible): only rooms where this batch changed either can change.
+    may_change = (
+        join_rules.keys()
+        | history_visibility.keys()
+        | {m.room_id for m in members if m.server_name == server_name}
+    )
+    after = before | room_store.recompute_flags(conn, may_change)
 
     became_visible = {r for r in room_ids if after[r].is_visible and not before[r].is_visible}
     became_invisible = {r for r in room_ids if before[r].is_visible and not after[r].is_visible}
