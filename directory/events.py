@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from directory.text import clean_avatar_url, clean_displayname
+from directory.text import clean_avatar_url, clean_displayname, has_control_characters
 
 MEMBERSHIPS = frozenset({"join", "invite", "leave", "ban", "knock"})
 MAX_ID_LENGTH = 255
@@ -60,12 +60,18 @@ def is_valid_user_id(user_id: object) -> bool:
         isinstance(user_id, str)
         and len(user_id) <= MAX_ID_LENGTH
         and _USER_ID.match(user_id) is not None
+        and not has_control_characters(user_id)
     )
 
 
 def _room_id(event: dict[str, Any]) -> str:
     room_id = event.get("room_id")
-    if not isinstance(room_id, str) or len(room_id) > MAX_ID_LENGTH or not _ROOM_ID.match(room_id):
+    if (
+        not isinstance(room_id, str)
+        or len(room_id) > MAX_ID_LENGTH
+        or not _ROOM_ID.match(room_id)
+        or has_control_characters(room_id)
+    ):
         raise InvalidEvent(f"bad room_id {room_id!r:.80}")
     return room_id
 

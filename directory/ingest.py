@@ -19,8 +19,10 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 from directory import jsoncodec
 from directory.clock import now_ms
@@ -62,23 +64,66 @@ def accept_transaction(engine: Engine, events: Sequence[object], txn_id: str | N
 
 
 def apply_accepted(engine: Engine, settings: Settings, publish: Publisher) -> Applied:
-    """Apply the oldest accepted transactions, up to settings.ingest_batch_events."""
+    """Apply the oldest accepted transactions, up to settings.ingest_batch_events.
+
+    If the database is away (OperationalError: also deadlocks and serialization
+    failures) the batch rolls back and waits in the inbox for the caller to try again.
+    Any other failure may come from the events themselves: the batch is applied again
+    event by event, and the events that fail alone are logged and skipped, so one
+    event we cannot apply never holds every later transaction in the inbox."""
+    try:
+        applied = _apply(engine, settings, isolate_failures=False)
+    except OperationalError:
+        raise
+    except Exception:
+        logger.exception("applying a batch failed; applying its events one at a time")
+        applied = _apply(engine, settings, isolate_failures=True)
+    if applied.transactions:
+        publish(applied.outcome)
+    return applied
+
+
+def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool) -> Applied:
     with engine.begin() as conn:
         inbox.lock_consumer(conn)
         taken = inbox.take(conn, settings.ingest_batch_events)
         if not taken.items:
             return Applied(0, BatchOutcome(), False)
         events = [event for item in taken.items for event in _events_of(item)]
-        outcome = process_events(
+        process = partial(
+            process_events,
             conn,
-            events,
             server_name=settings.server_name,
             now_ms=now_ms(),
             profile_max_age_seconds=settings.profile_max_age_seconds,
         )
+        if isolate_failures:
+            outcome = _process_one_by_one(conn, events, process)
+        else:
+            outcome = process(events)
         inbox.remove(conn, [item.id for item in taken.items])
-    publish(outcome)
     return Applied(len(taken.items), outcome, taken.more)
+
+
+def _process_one_by_one(
+    conn: Connection, events: list[object], process: Callable[[list[object]], BatchOutcome]
+) -> BatchOutcome:
+    # Each event in its own savepoint, in order: the same end state as the batch, as the
+    # hooks are order-preserving and replayable; only slower (this runs after a failure).
+    outcome = BatchOutcome()
+    for index, event in enumerate(events):
+        try:
+            with conn.begin_nested():
+                outcome.merge(process([event]))
+        except OperationalError:
+            raise
+        except Exception:
+            outcome.events += 1
+            outcome.invalid += 1
+            logger.exception(
+                "skipping event #%d of the batch, it cannot be applied: %.2000r", index, event
+            )
+    return outcome
 
 
 def ingest_events(

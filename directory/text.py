@@ -32,6 +32,12 @@ def clean_text(value: object, max_length: int) -> str | None:
     return cleaned or None
 
 
+def has_control_characters(value: str) -> bool:
+    """Control characters or lone surrogates: never part of an identifier, and a NUL or
+    a surrogate cannot even be stored (PostgreSQL text, UTF-8)."""
+    return _CONTROL_OR_SURROGATE.search(value) is not None
+
+
 def clean_displayname(value: object) -> str | None:
     return clean_text(value, MAX_DISPLAYNAME_LENGTH)
 

@@ -46,6 +46,7 @@ from directory.ingest import Wake, accept_transaction
 from directory.models import user_directory
 from directory.search import search_directory
 from directory.storage import inbox, pending
+from directory.text import has_control_characters
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ def create_app(
         txn_id = request.path_params["txn_id"]
         if len(txn_id) > MAX_TXN_ID_LENGTH:
             raise MatrixError(400, "M_INVALID_PARAM", "transaction id too long")
+        if has_control_characters(txn_id):
+            raise MatrixError(400, "M_INVALID_PARAM", "transaction id has control characters")
         body = await read_json_object(request, settings.max_transaction_bytes)
         events = body.get("events", [])
         if not isinstance(events, list):

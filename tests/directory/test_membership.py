@@ -122,9 +122,15 @@ def test_one_bad_event_does_not_drop_the_others(db: Engine) -> None:
             "not an event",
             member("!r:x", ALICE),
             {"type": "m.room.message", "room_id": "!r:x", "content": {"body": "hi"}},
+            # A NUL or a lone surrogate cannot even be stored (PostgreSQL, UTF-8).
+            member("!r:x", "@nul\x00:remote.test"),
+            member("!r:x", "@lone\ud800:remote.test"),
+            member("!r:x", "@tab\t:remote.test"),
+            member("!r\x00:x", CAROL),
+            member("!r\udc00:x", CAROL),
         ],
     )
-    assert outcome.invalid == 5
+    assert outcome.invalid == 10
     assert set(entries(db)) == {BOB, ALICE}
 
 

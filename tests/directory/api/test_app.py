@@ -113,6 +113,9 @@ def test_bad_bodies_get_matrix_errors(api: RunningApi, db: Engine) -> None:
     for body in ([1, 2], {"events": {"a": 1}}, "text"):
         response = put(api, "t2", body)
         assert response.status_code == 400 and response.json()["errcode"] == "M_BAD_JSON"
+    # A NUL cannot be stored as a transaction id: refused, not a 500 retried forever.
+    response = put(api, "t%00", {"events": [member("!r:x", EVE)]})
+    assert response.status_code == 400 and response.json()["errcode"] == "M_INVALID_PARAM"
     # A rejected body did not consume its transaction id.
     assert put(api, "t2", {"events": [member("!r:x", BOB)]}).status_code == 200
     assert entry_ids(db) == {BOB}
