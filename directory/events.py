@@ -85,7 +85,7 @@ def _content(event: dict[str, Any]) -> dict[str, Any]:
 
 def _short_string(content: dict[str, Any], key: str) -> str | None:
     value = content.get(key)
-    if not isinstance(value, str) or len(value) > 64:
+    if not isinstance(value, str) or len(value) > 64 or has_control_characters(value):
         raise InvalidEvent(f"content.{key} is not a short string")
     return value
 

@@ -128,9 +128,10 @@ def test_one_bad_event_does_not_drop_the_others(db: Engine) -> None:
             member("!r:x", "@tab\t:remote.test"),
             member("!r\x00:x", CAROL),
             member("!r\udc00:x", CAROL),
+            join_rules("!r:x", "pub\x00lic"),
         ],
     )
-    assert outcome.invalid == 10
+    assert outcome.invalid == 11
     assert set(entries(db)) == {BOB, ALICE}
 
 
