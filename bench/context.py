@@ -30,8 +30,9 @@ class Sizes:
     latency_ms: float = 50.0
     max_concurrent: int = 3
     workers: tuple[int, ...] = (1, 2)
-    worker_concurrency: int = 24
-    worker_pool: str = "prefork"
+    # The service's defaults (WORKER_CONCURRENCY, WORKER_POOL).
+    worker_concurrency: int = 32
+    worker_pool: str = "threads"
     dedup_rooms: int = 1_000
     dedup_users: int = 50
     dedup_user_rooms: int = 200

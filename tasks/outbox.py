@@ -89,24 +89,34 @@ def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = 
         # Only to order: rows committed right after this count must still find every
         # slot's run, so the copies stay what they were without counts.
         order = _due_counts(servers)
-    sent = 0
+    runs: dict[str, int] = {}
     for server in sorted(servers, key=lambda s: -(order or {}).get(s, 0)):
         due = (due_counts or {}).get(server)
         # Enough runs to use the destination's slots, no more than its users need.
         copies = settings.per_destination_concurrency
         if due is not None:
             copies = max(1, min(copies, math.ceil(due / settings.fetch_batch_size)))
-        try:
-            if not resources.redis.set(queued_key(server), copies, nx=True, px=QUEUED_MARK_TTL_MS):
-                continue
-            for _ in range(copies):
+        runs[server] = copies
+    sent = 0
+    try:
+        # One round trip marks every destination: a batch touches hundreds, and each
+        # round trip in a busy threads pool also waits for the interpreter lock.
+        with resources.redis.pipeline(transaction=False) as pipe:
+            for server, copies in runs.items():
+                pipe.set(queued_key(server), copies, nx=True, px=QUEUED_MARK_TTL_MS)
+            marked = pipe.execute()
+        for (server, copies), is_new in zip(runs.items(), marked, strict=True):
+            for _ in range(copies if is_new else 0):
                 app.send_task(FETCH_TASK, args=(server,), queue=FETCH_QUEUE)
                 sent += 1
-        except Exception:
-            # Never fail the caller: its rows are committed, beat will publish them.
-            logger.warning(
-                "could not publish fetches for %s; reconciliation will", server, exc_info=True
-            )
+    except Exception:
+        # Never fail the caller: its rows are committed, beat will publish them (a
+        # mark set without its tasks expires after QUEUED_MARK_TTL_MS).
+        logger.warning(
+            "could not publish fetches for %d destinations; reconciliation will",
+            len(runs),
+            exc_info=True,
+        )
     return sent
 
 
