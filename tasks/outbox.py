@@ -106,7 +106,9 @@ def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = 
                 pipe.set(queued_key(server), copies, nx=True, px=QUEUED_MARK_TTL_MS)
             marked = pipe.execute()
         for (server, copies), is_new in zip(runs.items(), marked, strict=True):
-            for _ in range(copies if is_new else 0):
+            if not is_new:
+                continue  # its runs are queued or running already
+            for _ in range(copies):
                 app.send_task(FETCH_TASK, args=(server,), queue=FETCH_QUEUE)
                 sent += 1
     except Exception:

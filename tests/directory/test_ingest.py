@@ -11,13 +11,14 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from directory.config import Settings
-from directory.ingest import Applied, accept_transaction, apply_accepted
+from directory.ingest import accept_transaction, apply_accepted
 from directory.membership import BatchOutcome
-from directory.models import room_members, user_directory
+from directory.models import room_members
 from directory.storage import inbox
 from directory.storage.common import is_postgresql
 from tests.conftest import SERVER_NAME
 from tests.support.events import member
+from tests.support.state import entry_ids
 
 BOB = f"@bob:{SERVER_NAME}"
 ALICE = "@alice:remote.test"
@@ -63,27 +64,19 @@ def refusing_db(db: Engine) -> Iterator[Engine]:
 
 
 def apply_all(engine: Engine, settings: Settings) -> tuple[int, BatchOutcome]:
-    published: list[BatchOutcome] = []
-    total = BatchOutcome()
+    """Apply until the inbox is empty: how many transactions, and what was published."""
+    published = BatchOutcome()
     transactions = 0
     while True:
-        applied: Applied = apply_accepted(engine, settings, published.append)
+        applied = apply_accepted(engine, settings, published.merge)
         transactions += applied.transactions
         if not applied.more:
-            break
-    for outcome in published:
-        total.merge(outcome)
-    return transactions, total
+            return transactions, published
 
 
 def members(engine: Engine) -> set[tuple[str, str]]:
     with engine.connect() as conn:
         return {(r.room_id, r.user_id) for r in conn.execute(select(room_members))}
-
-
-def entry_ids(engine: Engine) -> set[str]:
-    with engine.connect() as conn:
-        return set(conn.scalars(select(user_directory.c.user_id)))
 
 
 def test_transactions_apply_together_and_in_order(db: Engine, settings: Settings) -> None:

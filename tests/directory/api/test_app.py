@@ -8,16 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from directory.config import Settings
 from directory.ingest import apply_accepted
-from directory.models import user_directory
 from directory.storage import inbox
 from tests.conftest import SERVER_NAME, with_settings
 from tests.directory.api.conftest import RunningApi, serve
 from tests.support.events import join_rules, member
 from tests.support.fake_homeserver import FakeHomeserver
+from tests.support.state import entry_ids
 
 ALICE = "@alice:remote.test"
 BOB = f"@bob:{SERVER_NAME}"
@@ -36,11 +36,6 @@ def put(api: RunningApi, txn: str, body: object, headers: dict | None = None, **
         )
     api.settle()
     return response
-
-
-def entry_ids(engine: Engine) -> set[str]:
-    with engine.connect() as conn:
-        return set(conn.scalars(select(user_directory.c.user_id)))
 
 
 def inbox_backlog(engine: Engine) -> inbox.Backlog:
