@@ -40,6 +40,9 @@ class Settings:
     # Token the homeserver gave this appservice (we send it) and the one it sends us.
     as_token: str = ""
     hs_token: str = ""
+    # A server admin's access token on Synapse: only the bootstrap uses it, to list
+    # every room with the admin API (without it, bootstrap needs --users-file).
+    admin_token: str = ""
     # Like Synapse's user_directory.search_all_users: every entry is visible to everyone.
     search_all_users: bool = False
 
@@ -114,6 +117,20 @@ class Settings:
     max_transaction_bytes: int = 16 * 1024 * 1024
     # Processed transaction ids are remembered this long, to answer replays.
     transaction_retention_seconds: float = 7 * 24 * 3600.0
+    # Bootstrap: room reads in flight to our homeserver at once, across all workers.
+    # Each is one request; a handful keeps the consumer busy without crowding the
+    # homeserver's own traffic.
+    bootstrap_concurrency: int = 4
+    # Run the bootstrap when a worker starts on a database that knows no rooms.
+    bootstrap_on_start: bool = False
+    # Reconciliation: every visible room is read again within this long (a missed or
+    # lost event is repaired at the latest then), a bounded slice per beat run.
+    room_recheck_seconds: float = 7 * 24 * 3600.0
+    room_recheck_interval_seconds: float = 60.0
+    # Rooms read per run. 100 a minute is 1M rooms a week: every room of a large
+    # homeserver within ROOM_RECHECK_SECONDS, at a pace no homeserver notices.
+    room_recheck_batch: int = 100
+
     # Events the inbox consumer applies per database transaction: big batches amortise
     # the fixed cost of a batch's statements (a homeserver's 100-event transactions are
     # merged), small ones hold the rooms' row locks for less time.
@@ -151,6 +168,10 @@ class Settings:
             raise ValueError("INGEST_BATCH_EVENTS must be at least 1")
         if self.max_fetch_attempts < 1:
             raise ValueError("MAX_FETCH_ATTEMPTS must be at least 1")
+        if self.bootstrap_concurrency < 1:
+            raise ValueError("BOOTSTRAP_CONCURRENCY must be at least 1")
+        if self.room_recheck_seconds <= 0 or self.room_recheck_batch < 1:
+            raise ValueError("ROOM_RECHECK_SECONDS and ROOM_RECHECK_BATCH must be positive")
         if ":" in self.server_name and not self.server_name.rsplit(":", 1)[1].isdigit():
             raise ValueError(f"SERVER_NAME looks wrong: {self.server_name!r}")
 

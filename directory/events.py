@@ -44,11 +44,22 @@ class MemberEvent:
         return server_name_of(self.user_id)
 
 
+# The state events that decide whether a room is public, by the content key they carry.
+PUBLICITY_KEYS = {
+    "m.room.join_rules": "join_rule",
+    "m.room.history_visibility": "history_visibility",
+}
+
+
 @dataclass(frozen=True)
 class RoomStateEvent:
+    """A room's join rule or history visibility changed. `value` is None when the
+    event's content does not hold a usable one: the room then counts as not public
+    (fail closed), never as keeping its old value."""
+
     room_id: str
-    join_rule: str | None = None
-    history_visibility: str | None = None
+    key: str  # "join_rule" or "history_visibility"
+    value: str | None
 
 
 def server_name_of(user_id: str) -> str:
@@ -83,10 +94,12 @@ def _content(event: dict[str, Any]) -> dict[str, Any]:
     return content
 
 
-def _short_string(content: dict[str, Any], key: str) -> str | None:
-    value = content.get(key)
+def publicity_value(content: object, key: str) -> str | None:
+    """A join rule or history visibility from an event's content, or None when it is
+    missing or malformed."""
+    value = content.get(key) if isinstance(content, dict) else None
     if not isinstance(value, str) or len(value) > 64 or has_control_characters(value):
-        raise InvalidEvent(f"content.{key} is not a short string")
+        return None
     return value
 
 
@@ -113,15 +126,9 @@ def parse_event(event: object) -> MemberEvent | RoomStateEvent | None:
                 avatar_url=clean_avatar_url(content.get("avatar_url")),
             ),
         )
-    if event_type == "m.room.join_rules" and event.get("state_key") == "":
-        return RoomStateEvent(
-            _room_id(event), join_rule=_short_string(_content(event), "join_rule")
-        )
-    if event_type == "m.room.history_visibility" and event.get("state_key") == "":
-        return RoomStateEvent(
-            _room_id(event),
-            history_visibility=_short_string(_content(event), "history_visibility"),
-        )
+    key = PUBLICITY_KEYS.get(event_type)
+    if key is not None and event.get("state_key") == "":
+        return RoomStateEvent(_room_id(event), key, publicity_value(event.get("content"), key))
     return None
 
 

@@ -59,6 +59,9 @@ LOCK_CONFLICT_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization
 # The run's semaphore slot is extended at most this often (and at least three times per
 # TTL): often enough that a live run never loses it.
 SLOT_EXTEND_INTERVAL_S = 10.0
+# Our own homeserver did not serve a request (down, or refusing AS_TOKEN): the run
+# stops and its users wait this long, with no attempt counted against anyone.
+HOMESERVER_RETRY_DELAY_MS = 5_000
 ANSWERS = (Outcome.OK, Outcome.NOT_FOUND, Outcome.FORBIDDEN)
 
 
@@ -86,6 +89,8 @@ class RunReport:
     failed: int = 0
     stopped_by_backoff: bool = False
     out_of_time: bool = False
+    # Stopped because our own homeserver did not serve a request (the error says why).
+    homeserver_error: str | None = None
 
 
 def user_retry_at(settings: Settings, attempts: int, now: int) -> int | None:
@@ -116,26 +121,40 @@ def _shown_profile(result: FetchResult) -> ProfileValue:
 def _apply_answers(
     conn: Connection, answered: Sequence[tuple[Claim, FetchResult]], settings: Settings, now: int
 ) -> dict[str, str]:
-    """Store OK/404/403 answers, set-based; per user, "applied" or "discarded"."""
-    # Locked, so an entry found here is still there when its profile is written; one
-    # missing belongs to a user who left, and its answer is discarded.
-    states = entries.seen_states(conn, [claim.user_id for claim, _ in answered], lock=True)
-    profiles = {
-        claim.user_id: _shown_profile(result)
+    """Store OK/404/403 answers, set-based; per user, "applied" or "discarded".
+
+    An answer is applied only to an entry that exists (the user may have left) and
+    shows nothing newer: a fetch claimed before a newer one, or before the user left
+    and came back, answers an older generation and never overwrites what a newer one
+    wrote."""
+    # Locked, so an entry found here is still the same entry when its profile is written.
+    targets = entries.answer_targets(conn, [claim.user_id for claim, _ in answered])
+    fresh = [
+        (claim, result)
         for claim, result in answered
-        if claim.user_id in states
+        if claim.user_id in targets
+        and (
+            targets[claim.user_id].fetched_generation is None
+            or claim.generation > targets[claim.user_id].fetched_generation
+        )
+    ]
+    profiles = {
+        claim.user_id: (_shown_profile(result), claim.generation) for claim, result in fresh
     }
     refresh_due = {
         user_id: next_refresh_ms(now, settings.profile_max_age_seconds) for user_id in profiles
     }
     entries.apply_profiles(conn, profiles, now, refresh_due)
+    # Only an answer to the latest trigger judges the value that trigger saw; a newer
+    # trigger keeps its row and gets its own fetch.
+    latest = pending.current_generations(conn, [claim.user_id for claim, _ in fresh])
     changed: dict[str, SeenState] = {}
     ask_again: list[str] = []
-    for claim, result in answered:
-        state = states.get(claim.user_id)
-        if state is None or result.outcome is not Outcome.OK:
+    for claim, result in fresh:
+        if result.outcome is not Outcome.OK or latest.get(claim.user_id) != claim.generation:
             continue
-        new_state, again = after_fetch(state, profiles[claim.user_id])
+        state = targets[claim.user_id].seen
+        new_state, again = after_fetch(state, profiles[claim.user_id][0])
         if new_state != state:
             changed[claim.user_id] = new_state
         if again:
@@ -150,8 +169,9 @@ def _apply_answers(
         if before.retry_after_ms is not None:
             revived = pending.revive_given_up(conn, server, now)
             logger.info("destination %s is back; %d users revived", server, revived)
+    applied = {claim.user_id for claim, _ in fresh}
     return {
-        claim.user_id: "applied" if claim.user_id in states else "discarded"
+        claim.user_id: "applied" if claim.user_id in applied else "discarded"
         for claim, _ in answered
     }
 
@@ -357,8 +377,16 @@ class DestinationRun:
             if not group:
                 group_started = time.monotonic()
             result = self.client.fetch(claim.user_id)
-            group.append((claim, result))
             turn.keeper.keep()
+            if result.outcome is Outcome.HOMESERVER:
+                # Nothing is known about this user or their server: no attempt is
+                # counted and nobody is backed off; everyone waits for our homeserver.
+                turn.report.homeserver_error = result.error
+                turn.committer.submit(self._commit, group, turn.report)
+                turn.committer.wait()
+                self._give_back(claims[index:], now_ms() + HOMESERVER_RETRY_DELAY_MS, result.error)
+                return True
+            group.append((claim, result))
             if result.outcome is Outcome.TRANSIENT:
                 # Committed before going on: it may back the destination off, and then
                 # the users not yet tried wait with it.

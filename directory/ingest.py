@@ -1,5 +1,11 @@
 """Events in: accepted durably at once, applied in order by one consumer at a time.
 
+The inbox holds two kinds of items: transactions from the homeserver, and room
+snapshots (directory/snapshots.py) read by the backfill, the bootstrap and the
+reconciliation. The consumer is the only writer of memberships, so a snapshot and a
+batch of events are never applied at the same time, and each is applied in order
+with the items around it.
+
 Accepting an appservice transaction is one INSERT into the inbox, in the same database
 transaction as its txn id: the homeserver gets its 200 as soon as the events are
 durable, whatever the directory work costs. The consumer then applies the oldest
@@ -28,6 +34,8 @@ from directory import jsoncodec
 from directory.clock import now_ms
 from directory.config import Settings
 from directory.membership import BatchOutcome, process_events
+from directory.snapshots import SnapshotItem, apply_snapshots
+from directory.storage import bootstrap as bootstrap_store
 from directory.storage import inbox, transactions
 from directory.storage.common import is_postgresql
 
@@ -83,26 +91,69 @@ def apply_accepted(engine: Engine, settings: Settings, publish: Publisher) -> Ap
     return applied
 
 
+def accept_snapshots(conn: Connection, items: Sequence[SnapshotItem]) -> None:
+    """Queue room snapshots behind everything accepted so far, in the caller's
+    transaction (which may record what else the read settled); the caller wakes the
+    consumer after commit."""
+    now = now_ms()
+    for item in items:
+        inbox.append(conn, jsoncodec.pack(item.to_payload()), item.size, now, kind=inbox.SNAPSHOT)
+
+
 def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool) -> Applied:
     with engine.begin() as conn:
         inbox.lock_consumer(conn)
         taken = inbox.take(conn, settings.ingest_batch_events)
         if not taken.items:
             return Applied(0, BatchOutcome(), False)
-        events = [event for item in taken.items for event in _events_of(item)]
-        process = partial(
-            process_events,
-            conn,
-            server_name=settings.server_name,
-            now_ms=now_ms(),
-            profile_max_age_seconds=settings.profile_max_age_seconds,
-        )
-        if isolate_failures:
-            outcome = _process_one_by_one(conn, events, process)
-        else:
-            outcome = process(events)
+        now = now_ms()
+        outcome = BatchOutcome()
+        for kind, items in _runs_of_one_kind(taken.items):
+            if kind == inbox.EVENTS:
+                events = [event for item in items for event in _events_of(item)]
+                process = partial(
+                    process_events,
+                    conn,
+                    server_name=settings.server_name,
+                    now_ms=now,
+                    profile_max_age_seconds=settings.profile_max_age_seconds,
+                )
+                if isolate_failures:
+                    outcome.merge(_process_one_by_one(conn, events, process))
+                else:
+                    outcome.merge(process(events))
+            elif kind == inbox.SNAPSHOT:
+                snapshots = [s for s in map(_snapshot_of, items) if s is not None]
+                apply = partial(
+                    apply_snapshots,
+                    conn,
+                    server_name=settings.server_name,
+                    now_ms=now,
+                    profile_max_age_seconds=settings.profile_max_age_seconds,
+                    recheck_seconds=settings.room_recheck_seconds,
+                )
+                if isolate_failures:
+                    outcome.merge(_apply_snapshots_one_by_one(conn, snapshots, apply, now))
+                else:
+                    outcome.merge(apply(snapshots))
+            else:
+                # Only a newer version of this service writes other kinds.
+                logger.error("%d inbox rows of unknown kind %r dropped", len(items), kind)
         inbox.remove(conn, [item.id for item in taken.items])
     return Applied(len(taken.items), outcome, taken.more)
+
+
+def _runs_of_one_kind(
+    items: Sequence[inbox.InboxItem],
+) -> list[tuple[str, list[inbox.InboxItem]]]:
+    """Consecutive items of one kind, in inbox order: each run is applied set-based."""
+    runs: list[tuple[str, list[inbox.InboxItem]]] = []
+    for item in items:
+        if runs and runs[-1][0] == item.kind:
+            runs[-1][1].append(item)
+        else:
+            runs.append((item.kind, [item]))
+    return runs
 
 
 def _process_one_by_one(
@@ -126,6 +177,35 @@ def _process_one_by_one(
     return outcome
 
 
+def _apply_snapshots_one_by_one(
+    conn: Connection,
+    snapshots: list[SnapshotItem],
+    apply: Callable[[list[SnapshotItem]], BatchOutcome],
+    now: int,
+) -> BatchOutcome:
+    outcome = BatchOutcome()
+    for item in snapshots:
+        try:
+            with conn.begin_nested():
+                outcome.merge(apply([item]))
+        except OperationalError:
+            raise
+        except Exception as exc:
+            logger.exception("skipping the snapshot of %s, it cannot be applied", item.room_id)
+            if item.run_id is not None:
+                bootstrap_store.room_attempt_failed(
+                    conn,
+                    item.run_id,
+                    item.room_id,
+                    item.attempt + 1,
+                    None,
+                    f"could not be applied: {type(exc).__name__}: {exc}",
+                    now,
+                )
+                outcome.bootstrap_runs.add(item.run_id)
+    return outcome
+
+
 def ingest_events(
     engine: Engine, settings: Settings, events: Sequence[object], publish: Publisher
 ) -> BatchOutcome:
@@ -138,6 +218,14 @@ def ingest_events(
         total.merge(applied.outcome)
         if not applied.more:
             return total
+
+
+def _snapshot_of(item: inbox.InboxItem) -> SnapshotItem | None:
+    try:
+        return SnapshotItem.from_payload(jsoncodec.unpack(item.payload))
+    except (ValueError, zlib.error, KeyError, TypeError, AttributeError):
+        logger.error("inbox row %d is not a room snapshot; dropped", item.id)
+        return None
 
 
 def _events_of(item: inbox.InboxItem) -> list[object]:

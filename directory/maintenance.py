@@ -1,6 +1,6 @@
-"""Scheduled upkeep: refresh old profiles, repair orphaned entries.
+"""Scheduled upkeep: refresh old profiles, recheck rooms, repair orphaned entries.
 
-Both run from beat; each is one short transaction and safe to run twice.
+Each runs from beat; each is one short transaction and safe to run twice.
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ from directory.config import Settings
 from directory.events import server_name_of
 from directory.membership import next_refresh_ms
 from directory.storage import entries, pending
+from directory.storage import rooms as room_store
+
+# A room taken for a recheck is not taken again before this, unless its snapshot
+# lands first (then it is due ROOM_RECHECK_SECONDS later): a lost read is retried.
+RECHECK_LEASE_MS = 600_000
 
 
 def queue_refreshes(conn: Connection, settings: Settings, now: int) -> set[str]:
@@ -30,3 +35,11 @@ def queue_refreshes(conn: Connection, settings: Settings, now: int) -> set[str]:
 
 def prune_orphans(conn: Connection) -> int:
     return entries.delete_orphans(conn)
+
+
+def take_rooms_to_recheck(conn: Connection, settings: Settings, now: int) -> list[str]:
+    """The visible rooms whose check is due, oldest (never checked) first, at most
+    ROOM_RECHECK_BATCH; each is leased so the next run does not take it again."""
+    rooms = room_store.due_for_recheck(conn, now, settings.room_recheck_batch)
+    room_store.postpone_recheck(conn, rooms, now + RECHECK_LEASE_MS)
+    return rooms

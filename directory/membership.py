@@ -49,8 +49,14 @@ class BatchOutcome:
     # each: the caller publishes work for them after the transaction commits.
     fetch_servers: Counter[str] = field(default_factory=Counter)
     # Rooms that just became visible (a local user joined), with one local member to
-    # read them as: their existing members were never sent to us.
+    # read them as: their existing members were never sent to us. Read at once,
+    # whatever is queued already: what was read before the join is stale.
     rooms_to_backfill: dict[str, str] = field(default_factory=dict)
+    # Room snapshots refused as stale (directory/snapshots.py): (room_id, purpose,
+    # attempt) to read again.
+    snapshots_to_retry: list[tuple[str, str, int]] = field(default_factory=list)
+    # Bootstrap runs whose rooms this batch loaded or sent back to be read again.
+    bootstrap_runs: set[int] = field(default_factory=set)
     created: int = 0
     deleted: int = 0
 
@@ -60,6 +66,8 @@ class BatchOutcome:
         self.fetch_servers.update(other.fetch_servers)
         for room_id, reader in other.rooms_to_backfill.items():
             self.rooms_to_backfill.setdefault(room_id, reader)
+        self.snapshots_to_retry += other.snapshots_to_retry
+        self.bootstrap_runs |= other.bootstrap_runs
         self.created += other.created
         self.deleted += other.deleted
 
@@ -76,12 +84,17 @@ def process_events(
     server_name: str,
     now_ms: int,
     profile_max_age_seconds: float,
+    count_as_events: bool = True,
 ) -> BatchOutcome:
-    """Apply one batch of events in the caller's transaction."""
+    """Apply one batch of events in the caller's transaction.
+
+    `count_as_events`: bump the rooms' member-event counters (live events do; a room
+    snapshot, which only restates the room as it is, does not, so that two snapshots
+    read between the same events are both current)."""
     outcome = BatchOutcome(events=len(raw_events))
     members: list[MemberEvent] = []
-    join_rules: dict[str, str] = {}
-    history_visibility: dict[str, str] = {}
+    join_rules: dict[str, str | None] = {}
+    history_visibility: dict[str, str | None] = {}
     for index, raw in enumerate(raw_events):
         try:
             parsed = parse_event(raw)
@@ -92,18 +105,20 @@ def process_events(
         if isinstance(parsed, MemberEvent):
             members.append(parsed)
         elif isinstance(parsed, RoomStateEvent):
-            if parsed.join_rule is not None:
-                join_rules[parsed.room_id] = parsed.join_rule
-            if parsed.history_visibility is not None:
-                history_visibility[parsed.room_id] = parsed.history_visibility
+            target = join_rules if parsed.key == "join_rule" else history_visibility
+            target[parsed.room_id] = parsed.value
 
     room_ids = {m.room_id for m in members} | join_rules.keys() | history_visibility.keys()
     if not room_ids:
         return outcome
     room_store.ensure_rooms(conn, room_ids)
-    # First, and in room order: the batch locks its rooms' rows before anything else,
-    # so it never deadlocks with another writer that does the same (a backfill).
-    room_store.bump_member_events(conn, room_ids)
+    # First, and in room order: the batch locks its rooms' rows before anything else.
+    # The inbox consumer is the only writer of memberships, but other tasks update a
+    # room's bookkeeping columns; one lock order keeps them from deadlocking.
+    if count_as_events:
+        room_store.bump_member_events(conn, room_ids)
+    else:
+        room_store.lock_rooms(conn, room_ids)
     before = room_store.flags(conn, room_ids)
 
     room_store.set_join_rules(conn, join_rules)
@@ -134,7 +149,9 @@ def process_events(
     publicity_changed = {r for r in room_ids if after[r].is_public != before[r].is_public}
 
     affected = {m.user_id for m in members}
-    affected |= room_store.forget_members(conn, became_invisible)
+    # Our server left: what we knew of these rooms goes stale, their publicity too (a
+    # room rejoined later counts as private until it has been read again).
+    affected |= room_store.forget_rooms(conn, became_invisible)
     affected |= room_store.members_of(conn, became_visible | publicity_changed)
     for (room_id, user_id), m in final.items():
         if room_id in became_visible and m.membership == "join" and m.server_name == server_name:

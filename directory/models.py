@@ -45,7 +45,12 @@ rooms = Table(
     # Bumped by every batch touching the room, so a backfill can tell whether its
     # snapshot (read over HTTP, outside any transaction) went stale.
     Column("member_events", BigInteger, nullable=False, server_default="0"),
+    # When a snapshot last confirmed the room's members and publicity, and when
+    # reconciliation reads it again (NULL: never checked, so first in line).
+    Column("checked_at_ms", BigInteger),
+    Column("recheck_due_ms", BigInteger),
     Index("ix_rooms_backfill_as", "backfill_as"),
+    Index("ix_rooms_recheck_due_ms", "is_visible", "recheck_due_ms"),
 )
 
 # Current joined members of each room, as the events told us. Only joins are stored;
@@ -87,14 +92,18 @@ user_directory = Table(
     Column("seen_elsewhere", Boolean, nullable=False, server_default=false()),
     Column("seen_per_room", Boolean, nullable=False, server_default=false()),
     Column("created_at_ms", BigInteger, nullable=False),
+    # The pending-fetch generation whose answer the entry shows: an older answer
+    # arriving late (a fetch in flight across a leave and a rejoin) is not applied.
+    Column("fetched_generation", BigInteger),
     Index("ix_user_directory_refresh_due_ms", "refresh_due_ms"),
     Index("ix_user_directory_server_name", "server_name"),
 )
 
 # The outbox: users whose public profile must be fetched. A row is due when
 # next_attempt_ms <= now; NULL means we gave up (until the next trigger or refresh).
-# Every new trigger bumps generation, so a fetch that started before it does not
-# clear the row when it finishes.
+# Every trigger takes a new generation from one counter that never goes back
+# (storage.pending.allocate_generations), so a fetch that started before it, even
+# before the user left and came back, neither clears the row nor counts against it.
 pending_fetches = Table(
     "pending_fetches",
     metadata,
@@ -105,7 +114,7 @@ pending_fetches = Table(
         primary_key=True,
     ),
     Column("server_name", String(255), nullable=False),
-    Column("generation", Integer, nullable=False),
+    Column("generation", BigInteger, nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_ms", BigInteger),
     Column("reason", String(32), nullable=False),
@@ -148,6 +157,86 @@ event_inbox = Table(
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
     Column("received_at_ms", BigInteger, nullable=False),
     Column("events", Integer, nullable=False),
-    # The transaction's `events` array: zlib-compressed JSON (directory/jsoncodec.py).
+    # The transaction's `events` array, or a room snapshot (kind "snapshot", see
+    # directory/snapshots.py): zlib-compressed JSON (directory/jsoncodec.py).
     Column("payload", LargeBinary, nullable=False),
+    Column("kind", String(16), nullable=False, server_default="events"),
+)
+
+# Named counters that never go back. SQLite has no sequences: the pending-fetch
+# generation counter lives here there (PostgreSQL uses a real sequence).
+sequences = Table(
+    "sequences",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Running totals written in the transactions that do the work (repairs, snapshots
+# applied or refused), so every process's work adds up and /metrics reads one place.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Loading a homeserver that already has rooms (directory/bootstrap.py). One run is
+# active at a time; its listing resumes from list_cursor, its rooms from their state.
+bootstrap_runs = Table(
+    "bootstrap_runs",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    # "admin" (Synapse's admin room list) or "users" (each listed user's joined rooms).
+    Column("source", String(16), nullable=False),
+    # 1 while unfinished, NULL after: a unique index keeps one run active at a time.
+    Column("active", Integer),
+    Column("started_at_ms", BigInteger, nullable=False),
+    Column("listed_at_ms", BigInteger),
+    Column("finished_at_ms", BigInteger),
+    Column("list_cursor", Text),
+    # The homeserver's own count of rooms (admin listing), for the progress estimate.
+    Column("rooms_reported", BigInteger),
+    Column("last_error", Text),
+    Column("last_error_at_ms", BigInteger),
+    Index("ix_bootstrap_runs_active", "active", unique=True),
+)
+
+# A room of a bootstrap run: "listed" (to read; claimed while next_attempt_ms is in
+# the future), "read" (its snapshot waits in the inbox), "loaded" or "failed".
+bootstrap_rooms = Table(
+    "bootstrap_rooms",
+    metadata,
+    Column(
+        "run_id",
+        BigInteger,
+        ForeignKey("bootstrap_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("room_id", String(255), primary_key=True),
+    # The local user to read it as; NULL reads it with the admin API.
+    Column("read_as", String(255)),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_ms", BigInteger, nullable=False),
+    Column("members", Integer),
+    Column("last_error", Text),
+    Column("updated_at_ms", BigInteger, nullable=False),
+    Index("ix_bootstrap_rooms_run_id_state", "run_id", "state", "next_attempt_ms"),
+)
+
+# The local users of a run listed from --users-file, in file order.
+bootstrap_users = Table(
+    "bootstrap_users",
+    metadata,
+    Column(
+        "run_id",
+        BigInteger,
+        ForeignKey("bootstrap_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("user_id", String(255), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("listed", Boolean, nullable=False, server_default=false()),
+    Column("last_error", Text),
 )

@@ -22,19 +22,18 @@ import enum
 import http.client
 import json
 import logging
-import math
 import ssl
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential
 
 from directory.config import Settings
 from directory.events import ProfileValue
+from directory.matrix_http import matrix_errcode, retry_after_seconds
 from directory.text import (
     MAX_AVATAR_URL_LENGTH,
     MAX_DISPLAYNAME_LENGTH,
@@ -48,10 +47,6 @@ logger = logging.getLogger(__name__)
 PROFILE_PATH = "/_matrix/client/v3/profile/"
 # Quick retries live inside one task, so their waits stay short whatever the setting.
 QUICK_RETRY_MAX_WAIT_SECONDS = 4.0
-# 429 without a usable hint: long enough to matter, short enough not to stall a server.
-DEFAULT_RETRY_AFTER_SECONDS = 5.0
-# A remote may not park one of our destinations for longer than this with one header.
-MAX_RETRY_AFTER_SECONDS = 3600.0
 MAX_ERROR_LENGTH = 200
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -63,6 +58,10 @@ class Outcome(enum.Enum):
     RATE_LIMITED = "rate_limited"
     TRANSIENT = "transient"
     INVALID = "invalid"
+    # Our own homeserver did not serve the request at all: it is down, refused our
+    # AS_TOKEN, or HOMESERVER_URL points at something else. Nothing is known about the
+    # user or their server, so neither may be charged for it.
+    HOMESERVER = "homeserver"
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,10 @@ def _result(
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _CannotConnect(Exception):
     pass
 
 
@@ -128,42 +131,6 @@ def parse_profile(body: bytes) -> FetchResult:
         displayname=clean_displayname(displayname), avatar_url=clean_avatar_url(avatar_url)
     )
     return _result(Outcome.OK, profile=profile)
-
-
-def _errcode(body: bytes) -> str | None:
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(data, dict) and isinstance(data.get("errcode"), str):
-        return data["errcode"][:64]
-    return None
-
-
-def _retry_after(header: str | None, body: bytes) -> float:
-    """Seconds to wait after a 429: Retry-After (seconds or HTTP date), else retry_after_ms."""
-    seconds: float | None = None
-    if header is not None:
-        header = header.strip()
-        try:
-            seconds = float(header)
-        except ValueError:
-            try:
-                seconds = parsedate_to_datetime(header).timestamp() - time.time()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                seconds = None
-    if seconds is None:
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (ValueError, RecursionError):
-            data = None
-        if isinstance(data, dict):
-            ms = data.get("retry_after_ms")
-            if isinstance(ms, int | float) and not isinstance(ms, bool):
-                seconds = ms / 1000.0
-    if seconds is None or not math.isfinite(seconds):
-        return DEFAULT_RETRY_AFTER_SECONDS
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 class ProfileClient:
@@ -279,12 +246,21 @@ class ProfileClient:
                 result.error,
             )
 
+    def _connect(self) -> tuple[http.client.HTTPConnection, bool]:
+        try:
+            return self._connection()
+        except (OSError, ValueError) as exc:
+            # Refused, unreachable, a connect timeout or a bad URL: all about the
+            # connection to our own homeserver, none about the user's server.
+            self._discard(getattr(self._local, "conn", None))
+            raise _CannotConnect(f"cannot connect to HOMESERVER_URL: {exc}") from exc
+
     def _attempt(self, user_id: str) -> FetchResult:
         path = self._base_path + PROFILE_PATH + urllib.parse.quote(user_id, safe="")
         deadline = time.monotonic() + self._attempt_seconds
         conn: http.client.HTTPConnection | None = None
         try:
-            conn, reused = self._connection()
+            conn, reused = self._connect()
             try:
                 response = self._send(conn, path)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -292,19 +268,18 @@ class ProfileClient:
                     raise
                 # The server closed the idle keep-alive connection: a new one, once.
                 conn.close()
-                conn, _ = self._connection()
+                conn, _ = self._connect()
                 response = self._send(conn, path)
             result = self._judge(response, deadline)
             if not response.isclosed() or response.will_close:
                 # Unread body, or the server closes: this connection is done.
                 conn.close()
             return result
+        except _CannotConnect as exc:
+            return _result(Outcome.HOMESERVER, str(exc))
         except TimeoutError as exc:
             self._discard(conn)
             return _result(Outcome.TRANSIENT, f"timeout: {type(exc).__name__}")
-        except ConnectionRefusedError as exc:
-            self._discard(conn)
-            return _result(Outcome.TRANSIENT, f"cannot connect: {exc}")
         except (http.client.HTTPException, OSError, ValueError) as exc:
             # ValueError: http.client refusing something malformed in the answer.
             self._discard(conn)
@@ -341,7 +316,7 @@ class ProfileClient:
             body = self._read_capped(response, deadline)
         except (_BodyTooLarge, _DeadlineExceeded):
             body = b""
-        errcode = _errcode(body)
+        errcode = matrix_errcode(body)
         detail = f"HTTP {status}" + (f" {errcode}" if errcode else "")
         if status == 404:
             if errcode == "M_UNRECOGNIZED":
@@ -351,7 +326,7 @@ class ProfileClient:
                     "%s does not recognise the profile endpoint; check HOMESERVER_URL",
                     self._base_url,
                 )
-                return _result(Outcome.TRANSIENT, detail)
+                return _result(Outcome.HOMESERVER, detail)
             return _result(Outcome.NOT_FOUND, detail)
         if status == 403:
             return _result(Outcome.FORBIDDEN, detail)
@@ -359,10 +334,14 @@ class ProfileClient:
             return _result(
                 Outcome.RATE_LIMITED,
                 detail,
-                retry_after_seconds=_retry_after(response.getheader("retry-after"), body),
+                retry_after_seconds=retry_after_seconds(response.getheader("retry-after"), body),
             )
         if status == 401:
-            logger.warning("homeserver rejected our AS token (%s); check AS_TOKEN", detail)
+            return _result(Outcome.HOMESERVER, f"{detail}: our homeserver refuses AS_TOKEN")
+        if status >= 500 and errcode is None:
+            # Synapse words every error it sends, a remote's failure included; a bare
+            # 5xx comes from a proxy in front of a homeserver that is not answering.
+            return _result(Outcome.HOMESERVER, f"{detail} without a Matrix error body")
         return _result(Outcome.TRANSIENT, detail)
 
     def _read_capped(self, response: http.client.HTTPResponse, deadline: float) -> bytes:

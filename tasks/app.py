@@ -37,7 +37,7 @@ settings = get_settings()
 app = Celery(
     "directory",
     broker=settings.redis_url,
-    include=["tasks.events", "tasks.fetch", "tasks.maintenance"],
+    include=["tasks.events", "tasks.fetch", "tasks.maintenance", "tasks.bootstrap"],
 )
 app.conf.update(
     task_queues=[Queue(name, Exchange(name), routing_key=name) for name in ALL_QUEUES],
@@ -46,6 +46,7 @@ app.conf.update(
         "tasks.fetch.*": {"queue": FETCH_QUEUE},
         "tasks.maintenance.*": {"queue": MAINTENANCE_QUEUE},
         "tasks.events.*": {"queue": EVENTS_QUEUE},
+        "tasks.bootstrap.*": {"queue": EVENTS_QUEUE},
     },
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -85,10 +86,15 @@ def open_connections_in_child(**_kwargs: object) -> None:
 @signals.worker_ready.connect
 def rebuild_queue_on_start(**_kwargs: object) -> None:
     """Whatever the broker lost (a restart, a flush), the pending table still has."""
+    from tasks.bootstrap import start_on_empty_database
     from tasks.maintenance import publish_due_work
 
     try:
         published = publish_due_work()
-        logger.info("worker start: queued fetches for %d destinations", published)
+        logger.info("worker start: queued %d tasks of due work", published)
     except Exception:
         logger.exception("worker start: could not rebuild the queue; beat will retry")
+    try:
+        start_on_empty_database()
+    except Exception:
+        logger.exception("worker start: could not check whether a bootstrap is needed")

@@ -1,5 +1,5 @@
-"""Event-side tasks: applying accepted transactions, and loading the existing members
-of a room our server just joined."""
+"""Event-side tasks: applying the inbox (events and room snapshots, in order), and
+reading a room for a snapshot (backfill when our server joins it, reconciliation)."""
 
 from __future__ import annotations
 
@@ -9,76 +9,35 @@ import time
 from celery import Task
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from directory.backfill import (
-    HomeserverUnavailable,
-    RoomUnreadable,
-    SnapshotStale,
-    apply_snapshot,
-)
+from directory.backfill import read_room, stop_reading, unreadable
 from directory.clock import now_ms
-from directory.ingest import apply_accepted
-from directory.storage import rooms as room_store
+from directory.homeserver import HomeserverError, RateLimited
+from directory.ingest import accept_snapshots, apply_accepted
+from directory.snapshots import BACKFILL
 from tasks.app import app
-from tasks.outbox import inbox_consumer_started, publish_outcome, wake_inbox_consumer
+from tasks.outbox import (
+    backfill_started,
+    inbox_consumer_started,
+    mark_backfill_queued,
+    publish_outcome,
+    wake_inbox_consumer,
+)
 from tasks.resources import get_resources
 
 logger = logging.getLogger(__name__)
 
-# Retries of an unreachable homeserver: 5 s doubling to 5 min, well under the broker's
-# visibility timeout. After the last one the room stays marked in the database and
-# reconciliation tries again.
+# Retries while our homeserver is down or refuses our token: 5 s doubling to 5 min,
+# well under the broker's visibility timeout. After the last one the room stays
+# marked in the database and reconciliation publishes it again.
 MAX_BACKFILL_RETRIES = 8
 MAX_BACKFILL_DELAY_S = 300
-# A room busy with member events while we read it is read again at once a few times
-# (its burst, e.g. the joins right after its creation, is usually short).
-STALE_REREADS = 5
-STALE_REREAD_DELAY_S = 0.2
+# A room nobody can read is not asked about again before this (reconciliation then
+# tries once more: a local member may have joined meanwhile).
+UNREADABLE_RETRY_MS = 3_600_000
 # An inbox consumer run hands over to a fresh task after this long, so a long backlog
 # never holds one broker message for long; the queue order is kept by the database.
 INBOX_RUN_BUDGET_S = 30.0
 MAX_INBOX_RETRY_DELAY_S = 30
-
-
-def _read_and_apply(room_id: str) -> int | None:
-    """One backfill attempt: None if the room changed while we read it."""
-    resources = get_resources()
-    settings = resources.settings
-    with resources.engine.connect() as conn:
-        reader = room_store.backfill_reader(conn, room_id)
-        if reader is None:
-            return 0  # done already (this task ran twice)
-        read_after = room_store.member_events(conn, room_id)
-        candidates = [reader, *(u for u in room_store.local_members(conn, room_id) if u != reader)]
-    snapshot = None
-    for as_user in candidates:
-        try:
-            snapshot = resources.rooms.read(room_id, as_user)
-            break
-        except RoomUnreadable as exc:
-            logger.info("cannot read %s as %s: %s", room_id, as_user, exc)
-    try:
-        with resources.engine.begin() as conn:
-            if snapshot is None:
-                # No local member can read it any more: whatever we know stays as
-                # events left it, and the mark goes so we stop asking.
-                room_store.clear_backfill(conn, room_id)
-                return 0
-            outcome = apply_snapshot(
-                conn,
-                room_id,
-                snapshot,
-                read_after=read_after,
-                server_name=settings.server_name,
-                now_ms=now_ms(),
-                profile_max_age_seconds=settings.profile_max_age_seconds,
-            )
-    except SnapshotStale:
-        return None
-    publish_outcome(outcome)
-    logger.info(
-        "backfilled %s: %d members, %d new entries", room_id, len(snapshot.joined), outcome.created
-    )
-    return len(snapshot.joined)
 
 
 @app.task(
@@ -88,19 +47,31 @@ def _read_and_apply(room_id: str) -> int | None:
     reject_on_worker_lost=True,
     max_retries=MAX_BACKFILL_RETRIES,
 )
-def backfill_room(self: Task, room_id: str) -> int:
+def backfill_room(self: Task, room_id: str, purpose: str = BACKFILL, attempt: int = 0) -> int:
+    """Read the room and queue its snapshot in the inbox; returns the members read."""
+    resources = get_resources()
+    backfill_started(room_id)
     try:
-        for _ in range(STALE_REREADS):
-            members = _read_and_apply(room_id)
-            if members is not None:
-                return members
-            time.sleep(STALE_REREAD_DELAY_S)
-        reason: Exception = SnapshotStale(room_id)
-    except (HomeserverUnavailable, OperationalError, IntegrityError) as exc:
-        # Unreachable homeserver, or a clash with a concurrent writer: try again later.
-        reason = exc
-    delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
-    raise self.retry(exc=reason, countdown=delay)
+        item = read_room(resources.engine, resources.homeserver, room_id, purpose, attempt)
+        if item is None:
+            return 0  # nobody local to read it as: the room is not visible any more
+        if unreadable(item):
+            logger.warning("no local member of %s can read it; leaving it as it is", room_id)
+            stop_reading(resources.engine, room_id, item.read_after, now_ms() + UNREADABLE_RETRY_MS)
+            return 0
+        with resources.engine.begin() as conn:
+            accept_snapshots(conn, [item])
+    except (HomeserverError, OperationalError, IntegrityError) as exc:
+        # Our homeserver (down, refusing our token, rate limiting) or our database:
+        # nothing is wrong with the room. Its mark stays; try again later.
+        delay = min(5 * 2**self.request.retries, MAX_BACKFILL_DELAY_S)
+        if isinstance(exc, RateLimited):
+            delay = max(delay, exc.retry_after)
+        logger.warning("reading %s failed (%s); again in %.0f s", room_id, exc, delay)
+        mark_backfill_queued(room_id, delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
+    wake_inbox_consumer()
+    return item.size
 
 
 @app.task(

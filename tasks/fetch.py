@@ -28,4 +28,11 @@ def fetch_destination(server_name: str) -> None:
         report.failed,
         " (backed off)" if report.stopped_by_backoff else "",
     )
+    if report.homeserver_error:
+        logger.warning(
+            "our homeserver did not serve a profile request (%s); the users of %s wait"
+            " for it, with no attempt counted",
+            report.homeserver_error,
+            server_name,
+        )
     destination_drained(server_name)

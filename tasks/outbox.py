@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 from directory.clock import now_ms
 from directory.membership import BatchOutcome
+from directory.snapshots import BACKFILL, reread_delay_ms
+from directory.storage import bootstrap as bootstrap_store
 from directory.storage import inbox, pending
 from directory.storage import rooms as room_store
 from tasks.app import EVENTS_QUEUE, FETCH_QUEUE, app
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 FETCH_TASK = "tasks.fetch.fetch_destination"
 BACKFILL_TASK = "tasks.events.backfill_room"
 INBOX_TASK = "tasks.events.apply_inbox"
+BOOTSTRAP_LIST_TASK = "tasks.bootstrap.list_rooms"
+BOOTSTRAP_LOAD_TASK = "tasks.bootstrap.load_rooms"
 # Set while an inbox consumer task is queued and not started: accepted transactions
 # need one consumer run after them, not one each.
 INBOX_WAKE_KEY = "ud:inbox:wake"
@@ -35,6 +39,12 @@ QUEUED_MARK_TTL_MS = 30_000
 FOLLOW_UP_HORIZON_MS = 60_000
 # Rooms whose backfill is republished per reconciliation run.
 BACKFILLS_PER_RUN = 500
+# A room read queued and not started yet: reconciliation does not publish it again.
+# The task clears it when it starts; the expiry only covers a task the broker lost.
+BACKFILL_MARK_TTL_MS = 600_000
+# Set while loader tasks of a bootstrap run are queued or running (cleared by a loader
+# that finds nothing to do); the lister's lock, while a lister runs.
+BOOTSTRAP_LOADERS_MARK_TTL_MS = 30_000
 
 
 def queued_key(server_name: str) -> str:
@@ -45,36 +55,117 @@ def backfill_queued_key(room_id: str) -> str:
     return f"ud:backfill:{room_id}:queued"
 
 
+def bootstrap_loaders_key(run_id: int) -> str:
+    return f"ud:bootstrap:{run_id}:loaders"
+
+
+def bootstrap_lister_key(run_id: int) -> str:
+    return f"ud:bootstrap:{run_id}:lister"
+
+
 def publish_outcome(outcome: BatchOutcome) -> None:
-    """Everything a committed batch asks for: fetches, and backfills of joined rooms."""
+    """Everything a committed batch asks for: fetches, reads of joined rooms (at once,
+    whatever is queued: a read from before the join is stale), rooms to read again,
+    and bootstrap loaders with rooms to read again or a run to close."""
     # The batch's own counts size the runs: a few new users on a server need one run,
     # not one per slot (a later batch finding the mark set adds none; the run claims
     # whatever is due until none is, and its end republishes with the true count).
     publish_fetches(outcome.fetch_servers, dict(outcome.fetch_servers))
-    publish_backfills(outcome.rooms_to_backfill)
+    publish_backfills(outcome.rooms_to_backfill, force=True)
+    for room_id, purpose, attempt in outcome.snapshots_to_retry:
+        publish_backfills(
+            [room_id],
+            purpose=purpose,
+            attempt=attempt,
+            countdown=reread_delay_ms(attempt - 1) / 1000,
+            force=True,
+        )
+    for run_id in outcome.bootstrap_runs:
+        publish_bootstrap(run_id, lister=False)
 
 
-def publish_backfills(room_ids: Iterable[str]) -> int:
+def publish_backfills(
+    room_ids: Iterable[str],
+    *,
+    purpose: str = BACKFILL,
+    attempt: int = 0,
+    countdown: float | None = None,
+    force: bool = False,
+) -> int:
+    """Queue a read of each room, unless one is queued already (`force`: whatever
+    Redis says). Returns how many tasks were sent."""
     resources = get_resources()
     rooms = list(room_ids)
     sent = 0
     try:
         # One round trip marks every room: a batch can make thousands of rooms visible.
+        ttl = BACKFILL_MARK_TTL_MS + int((countdown or 0) * 1000)
         with resources.redis.pipeline(transaction=False) as pipe:
             for room_id in rooms:
-                pipe.set(backfill_queued_key(room_id), 1, nx=True, px=QUEUED_MARK_TTL_MS)
+                pipe.set(backfill_queued_key(room_id), 1, nx=not force, px=ttl)
             marked = pipe.execute()
         for room_id, is_new in zip(rooms, marked, strict=True):
             if is_new:
-                app.send_task(BACKFILL_TASK, args=(room_id,), queue=EVENTS_QUEUE)
+                app.send_task(
+                    BACKFILL_TASK,
+                    args=(room_id, purpose, attempt),
+                    queue=EVENTS_QUEUE,
+                    countdown=countdown,
+                )
                 sent += 1
     except Exception:
         logger.warning(
-            "could not publish backfills of %d rooms; reconciliation will",
+            "could not publish reads of %d rooms; reconciliation will",
             len(rooms),
             exc_info=True,
         )
     return sent
+
+
+def mark_backfill_queued(room_id: str, seconds: float) -> None:
+    """A read of the room is queued again (a retry in `seconds`)."""
+    try:
+        get_resources().redis.set(
+            backfill_queued_key(room_id), 1, px=BACKFILL_MARK_TTL_MS + int(seconds * 1000)
+        )
+    except Exception:
+        logger.warning("could not mark the read of %s as queued", room_id, exc_info=True)
+
+
+def backfill_started(room_id: str) -> None:
+    """Called before a room is read: a rejoin or refusal from now on queues another
+    read, so none is lost behind one that has started."""
+    try:
+        get_resources().redis.delete(backfill_queued_key(room_id))
+    except Exception:
+        logger.warning("could not clear the queued mark of %s", room_id, exc_info=True)
+
+
+def publish_bootstrap(run_id: int, *, lister: bool, loaders: bool = True) -> int:
+    """Queue a bootstrap run's lister and its BOOTSTRAP_CONCURRENCY loaders, unless
+    they are queued or running already. Returns how many tasks were sent."""
+    resources = get_resources()
+    sent = 0
+    try:
+        if lister and not resources.redis.exists(bootstrap_lister_key(run_id)):
+            app.send_task(BOOTSTRAP_LIST_TASK, args=(run_id,), queue=EVENTS_QUEUE)
+            sent += 1
+        if loaders and resources.redis.set(
+            bootstrap_loaders_key(run_id), 1, nx=True, px=BOOTSTRAP_LOADERS_MARK_TTL_MS
+        ):
+            for _ in range(resources.settings.bootstrap_concurrency):
+                app.send_task(BOOTSTRAP_LOAD_TASK, args=(run_id,), queue=EVENTS_QUEUE)
+                sent += 1
+    except Exception:
+        logger.warning(
+            "could not publish the bootstrap's tasks; reconciliation will", exc_info=True
+        )
+    return sent
+
+
+def bootstrap_loaders_drained(run_id: int) -> None:
+    """A loader found nothing to read now: the next wake-up publishes loaders again."""
+    get_resources().redis.delete(bootstrap_loaders_key(run_id))
 
 
 def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = None) -> int:
@@ -179,13 +270,24 @@ def inbox_consumer_started() -> None:
 
 def publish_due_work() -> int:
     """Queue everything the database says is due: fetch runs for every destination with
-    due users, backfills of rooms still waiting for one, and the inbox consumer if
-    accepted transactions wait (reconciliation, worker start)."""
+    due users, backfills of rooms still waiting for one, an active bootstrap's tasks,
+    and the inbox consumer if accepted transactions wait (reconciliation, worker
+    start)."""
     resources = get_resources()
+    now = now_ms()
     with resources.engine.connect() as conn:
-        due = dict(pending.due_by_server(conn, now_ms()))
+        due = dict(pending.due_by_server(conn, now))
         rooms = [room for room, _ in room_store.awaiting_backfill(conn, BACKFILLS_PER_RUN)]
         backlog = inbox.backlog(conn)
+        run = bootstrap_store.active_run(conn)
+        run_due = None if run is None else bootstrap_store.next_due_ms(conn, run.id)
     if backlog.transactions:
         wake_inbox_consumer(force=True)
-    return publish_fetches(due, due) + publish_backfills(rooms)
+    sent = publish_fetches(due, due) + publish_backfills(rooms)
+    if run is not None:
+        sent += publish_bootstrap(
+            run.id,
+            lister=run.listed_at_ms is None,
+            loaders=run_due is not None and run_due <= now,
+        )
+    return sent

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy import Engine
 
-from directory.backfill import RoomReader
 from directory.config import Settings, get_settings
 from directory.db import make_engine
+from directory.homeserver import HomeserverClient
 from directory.profile_client import ProfileClient
 
 
@@ -25,7 +25,7 @@ class Resources:
     engine: Engine
     redis: redis.Redis
     profiles: ProfileClient
-    rooms: RoomReader
+    homeserver: HomeserverClient
 
 
 _lock = threading.Lock()
@@ -46,7 +46,7 @@ def get_resources() -> Resources:
                         settings.redis_url, socket_timeout=10, socket_connect_timeout=5
                     ),
                     profiles=ProfileClient(settings),
-                    rooms=RoomReader(settings),
+                    homeserver=HomeserverClient(settings),
                 ),
             )
         return _resources[1]

@@ -43,6 +43,9 @@ def build_schedule() -> dict[str, dict]:
         "prune-orphaned-entries": entry(
             "tasks.maintenance.prune_entries", settings.prune_interval_seconds
         ),
+        "recheck-rooms": entry(
+            "tasks.maintenance.recheck_rooms", settings.room_recheck_interval_seconds
+        ),
     }
 
 

@@ -97,8 +97,13 @@ def with_settings(settings: Settings, **changes: object) -> Settings:
     return dataclasses.replace(settings, **changes)
 
 
+APPSERVICE_SENDER = f"@userdirectory:{SERVER_NAME}"
+
+
 @pytest.fixture
 def homeserver() -> Iterator[FakeHomeserver]:
-    """A real HTTP server standing in for our homeserver's client API."""
+    """A real HTTP server standing in for our homeserver's client API; it knows our
+    AS token (the `settings` fixture's)."""
     with FakeHomeserver() as server:
+        server.set_token("as-secret", APPSERVICE_SENDER)
         yield server

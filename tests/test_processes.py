@@ -8,7 +8,7 @@ import httpx
 from sqlalchemy import Engine
 
 from directory.config import Settings
-from tests.conftest import SERVER_NAME, with_settings
+from tests.conftest import APPSERVICE_SENDER, SERVER_NAME, with_settings
 from tests.support.events import join_rules, member
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.processes import ProcessGroup, wait_until
@@ -28,6 +28,7 @@ def test_events_over_http_become_searchable_public_profiles(
         try:
             homeserver.set_profile(ALICE, "Alice")
             homeserver.set_token("bob-token", BOB)
+            homeserver.set_token(configured.as_token, APPSERVICE_SENDER)
             processes.start_server()
             processes.start_worker()
             processes.start_beat()
@@ -64,6 +65,8 @@ def test_events_over_http_become_searchable_public_profiles(
 
                 wait_until(public_name_shown, 20, what="Alice's public name")
                 assert set(seen) <= {None, ALICE, "Alice"}
-                assert client.get("/health").json() == {"database": "ok", "redis": "ok"}
+                health = client.get("/health")
+                assert health.status_code == 200
+                assert health.json() == {"homeserver": "ok", "database": "ok", "redis": "ok"}
         finally:
             processes.kill_all()

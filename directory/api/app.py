@@ -18,15 +18,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from sqlalchemy import Engine, func, select, text
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine, text
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -39,53 +32,19 @@ from starlette.routing import Route
 from directory.api.auth import TokenVerifier
 from directory.api.body import bearer_token, read_json_object
 from directory.api.errors import MatrixError
+from directory.api.health import HomeserverProbe
+from directory.api.metrics import Metrics
 from directory.api.ratelimit import RateLimiter
 from directory.clock import now_ms
 from directory.config import Settings
 from directory.ingest import Wake, accept_transaction
-from directory.models import user_directory
 from directory.search import search_directory
-from directory.storage import inbox, pending
 from directory.text import has_control_characters
 
 logger = logging.getLogger(__name__)
 
 MAX_TXN_ID_LENGTH = 255
 MAX_SEARCH_BODY_BYTES = 64 * 1024
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.transactions = Counter(
-            "directory_transactions", "Appservice transactions", ["result"], registry=self.registry
-        )
-        self.events = Counter(
-            "directory_events", "Events received", ["result"], registry=self.registry
-        )
-        self.searches = Counter(
-            "directory_searches", "Search requests", ["status"], registry=self.registry
-        )
-        self.search_seconds = Histogram(
-            "directory_search_seconds", "Search latency", registry=self.registry
-        )
-        self.entries = Gauge("directory_entries", "Directory entries", registry=self.registry)
-        self.inbox_events = Gauge(
-            "directory_inbox_events",
-            "Events accepted and not applied yet",
-            registry=self.registry,
-        )
-        self.inbox_age = Gauge(
-            "directory_inbox_oldest_age_seconds",
-            "Age of the oldest transaction not applied yet (0 when none waits)",
-            registry=self.registry,
-        )
-        self.pending = Gauge(
-            "directory_pending_fetches",
-            "Pending profile fetches",
-            ["state"],
-            registry=self.registry,
-        )
 
 
 def create_app(
@@ -96,6 +55,7 @@ def create_app(
     verifier: TokenVerifier | None = None,
 ) -> Starlette:
     verifier = verifier or TokenVerifier(settings)
+    probe = HomeserverProbe(settings)
     limiter = RateLimiter(redis_client, settings.search_rate_per_second, settings.search_rate_burst)
     metrics = Metrics()
     hs_token = settings.hs_token.encode()
@@ -179,7 +139,9 @@ def create_app(
             conn.execute(text("SELECT 1"))
 
     async def health(_request: Request) -> Response:
-        status: dict[str, str] = {}
+        # Our homeserver too: without it (down, or refusing AS_TOKEN) no room can be
+        # read and no profile fetched, and the reason is ours to fix.
+        status: dict[str, str] = {"homeserver": await probe.status()}
         try:
             await run_in_threadpool(check_database)
             status["database"] = "ok"
@@ -195,15 +157,7 @@ def create_app(
 
     def read_gauges() -> None:
         with engine.connect() as conn:
-            metrics.entries.set(conn.scalar(select(func.count()).select_from(user_directory)))
-            now = now_ms()
-            summary = pending.summary(conn, now)
-            backlog = inbox.backlog(conn)
-        metrics.inbox_events.set(backlog.events)
-        metrics.inbox_age.set(0 if backlog.oldest_ms is None else (now - backlog.oldest_ms) / 1000)
-        metrics.pending.labels("due").set(summary.due)
-        metrics.pending.labels("waiting").set(summary.waiting)
-        metrics.pending.labels("given_up").set(summary.given_up)
+            metrics.refresh(conn, now_ms())
 
     async def prometheus(_request: Request) -> Response:
         try:
@@ -228,6 +182,7 @@ def create_app(
     async def lifespan(_app: Starlette):
         yield
         await verifier.close()
+        await probe.close()
 
     routes = [
         Route("/_matrix/app/v1/transactions/{txn_id}", put_transaction, methods=["PUT"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -20,6 +21,7 @@ from sqlalchemy import (
 from directory.dedup import SeenState
 from directory.events import ProfileValue, server_name_of
 from directory.models import pending_fetches, room_members, rooms, user_directory
+from directory.storage import pending
 from directory.storage.common import (
     any_of,
     id_batches,
@@ -51,31 +53,31 @@ def visible_users(conn: Connection, user_ids: Collection[str]) -> dict[str, bool
     return found
 
 
-def seen_states(
-    conn: Connection, user_ids: Collection[str], *, lock: bool = False
-) -> dict[str, SeenState]:
-    """The dedup state of every existing entry among these users. `lock`: also hold the
-    rows (FOR UPDATE on PostgreSQL; SQLite's write transaction already excludes other
-    writers) so no entry found here can be deleted before the caller commits."""
+def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenState]:
+    """The dedup state of every existing entry among these users."""
     d = user_directory.c
     found: dict[str, SeenState] = {}
     for batch in id_batches(conn, user_ids):
-        query = select(
-            d.user_id,
-            d.seen_displayname,
-            d.seen_avatar_url,
-            d.seen_room_id,
-            d.seen_elsewhere,
-            d.seen_per_room,
-        ).where(any_of(conn, d.user_id, batch))
-        if lock:
-            # One order for every locker, so two batches cannot wait on each other.
-            query = query.order_by(d.user_id).with_for_update()
-        rows = conn.execute(query)
+        rows = conn.execute(
+            select(
+                d.user_id,
+                d.seen_displayname,
+                d.seen_avatar_url,
+                d.seen_room_id,
+                d.seen_elsewhere,
+                d.seen_per_room,
+            ).where(any_of(conn, d.user_id, batch))
+        )
         for user_id, name, avatar, room_id, elsewhere, per_room in rows:
-            value = None if room_id is None else ProfileValue(name, avatar)
-            found[user_id] = SeenState(value, room_id, bool(elsewhere), bool(per_room))
+            found[user_id] = _seen_state(name, avatar, room_id, elsewhere, per_room)
     return found
+
+
+def _seen_state(
+    name: str | None, avatar: str | None, room_id: str | None, elsewhere: bool, per_room: bool
+) -> SeenState:
+    value = None if room_id is None else ProfileValue(name, avatar)
+    return SeenState(value, room_id, bool(elsewhere), bool(per_room))
 
 
 # The columns create_placeholders fills; the profile columns (display_name, avatar_url,
@@ -93,6 +95,7 @@ _PLACEHOLDER_COLUMNS = (
     "seen_room_id",
     "seen_elsewhere",
     "seen_per_room",
+    "fetched_generation",
 )
 
 
@@ -115,9 +118,15 @@ def create_placeholders(
     in_public_room: Collection[str] = (),
 ) -> None:
     """New entries showing nothing but the user id, until the public profile is fetched.
-    `in_public_room`: those of these users who share a public room."""
+    `in_public_room`: those of these users who share a public room.
+
+    Each entry starts at a fresh generation: a fetch claimed before it existed (for an
+    earlier entry of the same user, who left and came back) answers an older
+    generation, and so cannot write to it or count against it."""
+    users = sorted(states)
+    floors = dict(zip(users, pending.allocate_generations(conn, len(users)), strict=True))
     rows = []
-    for user_id, state in states.items():
+    for user_id in users:
         keys = entry_keys(user_id, None)
         row = {
             "user_id": user_id,
@@ -127,7 +136,8 @@ def create_placeholders(
             "created_at_ms": now_ms,
             "search_words": keys["search_words"],
             "localpart_key": keys["localpart_key"],
-            **_seen_columns(state),
+            "fetched_generation": floors[user_id],
+            **_seen_columns(states[user_id]),
         }
         rows.append(tuple(row[name] for name in _PLACEHOLDER_COLUMNS))
     # A concurrent writer (a backfill of another room) may have created the entry first;
@@ -192,14 +202,51 @@ def set_public_flags(conn: Connection, flags: dict[str, bool]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class AnswerTarget:
+    """What an answer needs to know of the entry it would update."""
+
+    seen: SeenState
+    # Answers of this generation or older are not applied (see create_placeholders).
+    fetched_generation: int | None
+
+
+def answer_targets(conn: Connection, user_ids: Collection[str]) -> dict[str, AnswerTarget]:
+    """The existing entries among these users, locked (FOR UPDATE on PostgreSQL;
+    SQLite's write transaction excludes other writers) so that none found here is
+    deleted or recreated before the caller commits."""
+    d = user_directory.c
+    found: dict[str, AnswerTarget] = {}
+    for batch in id_batches(conn, user_ids):
+        query = select(
+            d.user_id,
+            d.seen_displayname,
+            d.seen_avatar_url,
+            d.seen_room_id,
+            d.seen_elsewhere,
+            d.seen_per_room,
+            d.fetched_generation,
+        ).where(any_of(conn, d.user_id, batch))
+        # One order for every locker, so two committers cannot wait on each other.
+        rows = conn.execute(query.order_by(d.user_id).with_for_update())
+        for user_id, name, avatar, room_id, elsewhere, per_room, generation in rows:
+            seen = _seen_state(name, avatar, room_id, elsewhere, per_room)
+            found[user_id] = AnswerTarget(seen, generation)
+    return found
+
+
 def apply_profiles(
-    conn: Connection, profiles: dict[str, ProfileValue], now_ms: int, refresh_due_ms: dict[str, int]
+    conn: Connection,
+    profiles: dict[str, tuple[ProfileValue, int]],
+    now_ms: int,
+    refresh_due_ms: dict[str, int],
 ) -> None:
-    """Store fetched public profiles, one statement for all of them.
+    """Store fetched public profiles, each with the generation it answers, in one
+    statement for all of them.
 
     The WHERE on user_id is the race guard: an answer for a user who left every visible
-    room touches no row and so cannot bring the entry back. Callers that need to know
-    which entries exist lock them first (seen_states(lock=True)).
+    room touches no row and so cannot bring the entry back. Callers lock the entries
+    first (answer_targets) and only pass answers newer than what each entry shows.
     """
     rows = [
         {
@@ -207,10 +254,11 @@ def apply_profiles(
             "display_name": profile.displayname,
             "avatar_url": profile.avatar_url,
             "fetched_at_ms": now_ms,
+            "fetched_generation": generation,
             "refresh_due_ms": refresh_due_ms[user_id],
             **entry_keys(user_id, profile.displayname),
         }
-        for user_id, profile in sorted(profiles.items())
+        for user_id, (profile, generation) in sorted(profiles.items())
     ]
     _update_entries(conn, rows)
 

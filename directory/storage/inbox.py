@@ -21,6 +21,9 @@ from directory.storage.common import any_of, id_batches, is_postgresql
 
 # Any constant: the key of the PostgreSQL advisory lock only the inbox consumer takes.
 CONSUMER_LOCK_KEY = 0x55_44_49_42
+# What an inbox row holds: a homeserver transaction's events, or a room snapshot.
+EVENTS = "events"
+SNAPSHOT = "snapshot"
 # Transactions looked at per take; a homeserver sends at most 100 events in each.
 MAX_ROWS_PER_TAKE = 1000
 
@@ -29,6 +32,7 @@ MAX_ROWS_PER_TAKE = 1000
 class InboxItem:
     id: int
     payload: bytes
+    kind: str = EVENTS
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,10 @@ class Backlog:
     oldest_ms: int | None
 
 
-def append(conn: Connection, payload: bytes, events: int, now_ms: int) -> None:
-    conn.execute(insert(event_inbox).values(received_at_ms=now_ms, events=events, payload=payload))
+def append(conn: Connection, payload: bytes, events: int, now_ms: int, kind: str = EVENTS) -> None:
+    conn.execute(
+        insert(event_inbox).values(received_at_ms=now_ms, events=events, payload=payload, kind=kind)
+    )
 
 
 # One statement, so that in autocommit mode it is one round trip and one commit (the
@@ -77,6 +83,7 @@ def append_unless_seen(
 
 def lock_consumer(conn: Connection) -> None:
     """Wait until no other consumer is applying, for the rest of the caller's transaction.
+    Whatever else writes memberships (the prune) takes it too: there is one writer.
 
     On SQLite the transaction already holds the database's only write lock (BEGIN
     IMMEDIATE), which is the same guarantee."""
@@ -97,8 +104,10 @@ def take(conn: Connection, max_events: int) -> Taken:
         last_id = row_id
     if last_id is None:
         return Taken([], False)
-    rows = conn.execute(select(t.id, t.payload).where(t.id <= last_id).order_by(t.id))
-    return Taken([InboxItem(row_id, payload) for row_id, payload in rows], taken < len(counts))
+    rows = conn.execute(select(t.id, t.payload, t.kind).where(t.id <= last_id).order_by(t.id))
+    return Taken(
+        [InboxItem(row_id, payload, kind) for row_id, payload, kind in rows], taken < len(counts)
+    )
 
 
 def remove(conn: Connection, ids: Collection[int]) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, delete, func, or_, select, tuple_, update
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, text, tuple_, update
 
 from directory.events import server_name_of
-from directory.models import destinations, pending_fetches
-from directory.storage.common import any_of, chunks, is_postgresql, upsert_rows
+from directory.models import destinations, pending_fetches, sequences
+from directory.storage.common import any_of, chunks, insert_for, is_postgresql, upsert_rows
 
 p = pending_fetches.c
 
@@ -27,9 +27,40 @@ class Claim:
     attempts: int
 
 
+# The counter generations come from (a sequence on PostgreSQL, a row of `sequences`
+# on SQLite; migration 0005 created both).
+GENERATION_SEQUENCE = "pending_fetch_generation"
+
+
+def allocate_generations(conn: Connection, count: int) -> list[int]:
+    """`count` new generations, increasing, never handed out before (even for rows
+    deleted since): a user who leaves and comes back must not get the generation a
+    fetch still in flight holds."""
+    if count <= 0:
+        return []
+    if is_postgresql(conn):
+        return list(
+            conn.scalars(
+                text(f"SELECT nextval('{GENERATION_SEQUENCE}') FROM generate_series(1, :n)"),
+                {"n": count},
+            )
+        )
+    # SQLite: the caller's write transaction holds the database's only write lock, so
+    # reading and bumping the row cannot interleave with another writer.
+    stmt = insert_for(conn, sequences).values(name=GENERATION_SEQUENCE, value=count)
+    last = conn.scalar(
+        stmt.on_conflict_do_update(
+            index_elements=["name"], set_={"value": sequences.c.value + count}
+        ).returning(sequences.c.value)
+    )
+    return list(range(last - count + 1, last + 1))
+
+
 def queue(conn: Connection, user_ids: Collection[str], reason: str, now_ms: int) -> None:
-    """Ask for a fetch of each user now. A user already pending gets a new generation
-    (so a fetch in flight does not clear the row) and a fresh attempt budget."""
+    """Ask for a fetch of each user now. Each gets a new generation (so a fetch in
+    flight does not clear the row) and a fresh attempt budget."""
+    users = sorted(user_ids)
+    generations = allocate_generations(conn, len(users))
     upsert_rows(
         conn,
         pending_fetches,
@@ -43,13 +74,22 @@ def queue(conn: Connection, user_ids: Collection[str], reason: str, now_ms: int)
             "queued_at_ms",
         ),
         [
-            (user_id, server_name_of(user_id), 1, 0, now_ms, reason, now_ms)
-            for user_id in sorted(user_ids)
+            (user_id, server_name_of(user_id), generation, 0, now_ms, reason, now_ms)
+            for user_id, generation in zip(users, generations, strict=True)
         ],
         conflict=("user_id",),
-        update=("next_attempt_ms", "reason", "queued_at_ms"),
-        also_set={"generation": p.generation + 1, "attempts": 0, "last_error": None},
+        update=("generation", "next_attempt_ms", "reason", "queued_at_ms"),
+        also_set={"attempts": 0, "last_error": None},
     )
+
+
+def current_generations(conn: Connection, user_ids: Collection[str]) -> dict[str, int]:
+    """The pending generation of each of these users that has a pending row."""
+    found: dict[str, int] = {}
+    for batch in chunks(sorted(user_ids)):
+        rows = conn.execute(select(p.user_id, p.generation).where(any_of(conn, p.user_id, batch)))
+        found.update((user_id, int(generation)) for user_id, generation in rows)
+    return found
 
 
 def claim(

@@ -26,6 +26,7 @@ from directory.storage.common import (
     id_batches,
     is_postgresql,
     rows_as_arrays,
+    update_rows,
     upsert_rows,
 )
 
@@ -53,7 +54,7 @@ def flags(conn: Connection, room_ids: Collection[str]) -> dict[str, RoomFlags]:
     return found
 
 
-def set_join_rules(conn: Connection, values: dict[str, str]) -> None:
+def set_join_rules(conn: Connection, values: dict[str, str | None]) -> None:
     if values:
         conn.execute(
             update(rooms)
@@ -63,7 +64,7 @@ def set_join_rules(conn: Connection, values: dict[str, str]) -> None:
         )
 
 
-def set_history_visibility(conn: Connection, values: dict[str, str]) -> None:
+def set_history_visibility(conn: Connection, values: dict[str, str | None]) -> None:
     if values:
         conn.execute(
             update(rooms)
@@ -162,32 +163,29 @@ def members_of(conn: Connection, room_ids: Collection[str]) -> set[str]:
     return found
 
 
-def forget_members(conn: Connection, room_ids: Collection[str]) -> set[str]:
-    """Our server left these rooms: their member lists go stale, so drop them.
+def forget_rooms(conn: Connection, room_ids: Collection[str]) -> set[str]:
+    """Our server left these rooms: their member lists and publicity go stale, so both
+    are dropped (a rejoined room is private until read again), with any backfill or
+    recheck it was waiting for.
 
     Returns the users who were members, so the caller can re-check each of them.
     """
     users = members_of(conn, room_ids)
     for batch in id_batches(conn, room_ids):
         conn.execute(delete(room_members).where(any_of(conn, room_members.c.room_id, batch)))
+        conn.execute(
+            update(rooms)
+            .where(any_of(conn, rooms.c.room_id, batch))
+            .values(
+                join_rule=None,
+                history_visibility=None,
+                is_public=False,
+                backfill_as=None,
+                checked_at_ms=None,
+                recheck_due_ms=None,
+            )
+        )
     return users
-
-
-def replace_members(
-    conn: Connection, room_id: str, members: dict[str, tuple[bool, ProfileValue]]
-) -> set[str]:
-    """Make the room's member list exactly `members` (user_id -> (is_local, value)).
-
-    Returns every user whose membership of the room changed.
-    """
-    current = set(
-        conn.scalars(select(room_members.c.user_id).where(room_members.c.room_id == room_id))
-    )
-    gone = current - members.keys()
-    new = members.keys() - current
-    remove_members(conn, ((room_id, user) for user in gone))
-    add_members(conn, ((room_id, user, *members[user]) for user in new))
-    return gone | new
 
 
 def mark_backfill(conn: Connection, rooms_as: dict[str, str]) -> None:
@@ -231,6 +229,19 @@ def clear_backfill(conn: Connection, room_id: str) -> None:
     conn.execute(update(rooms).where(rooms.c.room_id == room_id).values(backfill_as=None))
 
 
+def lock_rooms(conn: Connection, room_ids: Collection[str]) -> None:
+    """Lock these rooms' rows in room order (PostgreSQL), as bump_member_events does."""
+    if not is_postgresql(conn):
+        return
+    for batch in id_batches(conn, room_ids):
+        conn.execute(
+            select(rooms.c.room_id)
+            .where(any_of(conn, rooms.c.room_id, batch))
+            .order_by(rooms.c.room_id)
+            .with_for_update()
+        )
+
+
 def bump_member_events(conn: Connection, room_ids: Collection[str]) -> None:
     """Count a batch touching these rooms, locking their rows in room order."""
     for batch in id_batches(conn, room_ids):
@@ -241,10 +252,132 @@ def bump_member_events(conn: Connection, room_ids: Collection[str]) -> None:
         )
 
 
-def member_events(conn: Connection, room_id: str, *, lock: bool = False) -> int | None:
-    """The room's member-event counter; with lock, held until the transaction ends so
-    no batch can bump it meanwhile."""
-    query = select(rooms.c.member_events).where(rooms.c.room_id == room_id)
-    if lock and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    return conn.scalar(query)
+def member_events(conn: Connection, room_id: str) -> int | None:
+    """The room's member-event counter (None: we do not know the room)."""
+    return conn.scalar(select(rooms.c.member_events).where(rooms.c.room_id == room_id))
+
+
+def member_event_counters(
+    conn: Connection, room_ids: Collection[str], *, lock: bool = False
+) -> dict[str, int]:
+    """The member-event counter of each known room among these; with lock, the rows are
+    held (in room order) until the transaction ends, so no batch bumps them meanwhile."""
+    found: dict[str, int] = {}
+    for batch in id_batches(conn, room_ids):
+        query = select(rooms.c.room_id, rooms.c.member_events).where(
+            any_of(conn, rooms.c.room_id, batch)
+        )
+        if lock and is_postgresql(conn):
+            query = query.order_by(rooms.c.room_id).with_for_update()
+        found.update((room_id, int(count)) for room_id, count in conn.execute(query))
+    return found
+
+
+def members_by_room(conn: Connection, room_ids: Collection[str]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    m = room_members.c
+    for batch in id_batches(conn, room_ids):
+        for room_id, user_id in conn.execute(
+            select(m.room_id, m.user_id).where(any_of(conn, m.room_id, batch))
+        ):
+            found.setdefault(room_id, set()).add(user_id)
+    return found
+
+
+def publicity(
+    conn: Connection, room_ids: Collection[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """(join_rule, history_visibility) of each known room among these."""
+    found: dict[str, tuple[str | None, str | None]] = {}
+    for batch in id_batches(conn, room_ids):
+        for room_id, join_rule, history in conn.execute(
+            select(rooms.c.room_id, rooms.c.join_rule, rooms.c.history_visibility).where(
+                any_of(conn, rooms.c.room_id, batch)
+            )
+        ):
+            found[room_id] = (join_rule, history)
+    return found
+
+
+def mark_checked(conn: Connection, recheck_due: dict[str, int], now_ms: int) -> None:
+    """A snapshot confirmed these rooms now: whatever backfill they waited for is done,
+    and each is read again at its due time."""
+    update_rows(
+        conn,
+        rooms,
+        "room_id",
+        ("checked_at_ms", "recheck_due_ms", "backfill_as"),
+        [(room_id, now_ms, due, None) for room_id, due in sorted(recheck_due.items())],
+    )
+
+
+def due_for_recheck(conn: Connection, now_ms: int, limit: int) -> list[str]:
+    """Visible rooms whose check is due, the oldest (never checked) first."""
+    due = rooms.c.recheck_due_ms
+    return list(
+        conn.scalars(
+            select(rooms.c.room_id)
+            .where(rooms.c.is_visible, or_(due.is_(None), due <= now_ms))
+            .order_by(due.is_not(None), due, rooms.c.room_id)
+            .limit(limit)
+        )
+    )
+
+
+def postpone_recheck(conn: Connection, room_ids: Collection[str], until_ms: int) -> None:
+    for batch in id_batches(conn, room_ids):
+        conn.execute(
+            update(rooms)
+            .where(any_of(conn, rooms.c.room_id, batch))
+            .values(recheck_due_ms=until_ms)
+        )
+
+
+@dataclass(frozen=True)
+class RecheckOutcome:
+    read: int  # checked since the read was asked for
+    gone: int  # no longer visible (our last local member left, or was found gone)
+    unreadable: int  # nobody could read it (its next check was pushed back)
+
+
+def recheck_outcomes(
+    conn: Connection, room_ids: Collection[str], since_ms: int, lease_end_ms: int
+) -> RecheckOutcome:
+    read = gone = unreadable = 0
+    for batch in id_batches(conn, room_ids):
+        rows = conn.execute(
+            select(rooms.c.is_visible, rooms.c.checked_at_ms, rooms.c.recheck_due_ms).where(
+                any_of(conn, rooms.c.room_id, batch)
+            )
+        )
+        for is_visible, checked_at, recheck_due in rows:
+            if not is_visible:
+                gone += 1
+            elif checked_at is not None and checked_at >= since_ms:
+                read += 1
+            elif recheck_due is not None and recheck_due > lease_end_ms:
+                unreadable += 1
+    return RecheckOutcome(read, gone, unreadable)
+
+
+def visible_rooms_among(conn: Connection, room_ids: Collection[str]) -> set[str]:
+    found: set[str] = set()
+    for batch in id_batches(conn, room_ids):
+        found.update(
+            conn.scalars(
+                select(rooms.c.room_id).where(
+                    any_of(conn, rooms.c.room_id, batch), rooms.c.is_visible
+                )
+            )
+        )
+    return found
+
+
+def visible_rooms(conn: Connection) -> list[str]:
+    return list(
+        conn.scalars(select(rooms.c.room_id).where(rooms.c.is_visible).order_by(rooms.c.room_id))
+    )
+
+
+def count_visible(conn: Connection) -> int:
+    return int(conn.scalar(select(func.count()).select_from(rooms).where(rooms.c.is_visible)))

@@ -23,10 +23,12 @@ from directory.fetching import (
     apply_results,
     user_lock_key,
 )
+from directory.membership import process_events
 from directory.models import destinations, pending_fetches, user_directory
 from directory.profile_client import FetchResult, Outcome, ProfileClient
 from directory.storage import entries, pending
-from tests.conftest import with_settings
+from tests.conftest import SERVER_NAME, with_settings
+from tests.support.events import member
 from tests.support.fake_homeserver import BAD_GATEWAY, FakeHomeserver
 
 SERVER = "remote.test"
@@ -213,3 +215,71 @@ def test_a_transient_failure_that_backs_off_the_destination_ends_the_run(
         assert homeserver.count(user(name)) == 0
     assert not redis_client.keys("ud:fetch:*")
     assert not redis_client.zcard("ud:dest:remote.test:slots")
+
+
+def _process(engine: Engine, *events: dict) -> None:
+    with engine.begin() as conn:
+        process_events(
+            conn, list(events), server_name=SERVER_NAME, now_ms=now_ms(), profile_max_age_seconds=60
+        )
+
+
+def _answer(engine: Engine, settings: Settings, claim: pending.Claim, result: FetchResult) -> str:
+    with engine.begin() as conn:
+        return apply_results(conn, [(claim, result)], settings, now_ms()).what[claim.user_id]
+
+
+def ok(name: str) -> FetchResult:
+    return FetchResult(Outcome.OK, ProfileValue(name, None))
+
+
+def test_a_fetch_in_flight_across_a_leave_and_a_rejoin_cannot_touch_the_rejoins_fetch(
+    db: Engine, settings: Settings
+) -> None:
+    x, room = user("x"), "!r:remote.test"
+    local = f"@bob:{SERVER_NAME}"
+    _process(db, member(room, local), member(room, x, displayname="Old"))
+    [old] = claim_all(db)
+    _process(db, member(room, x, membership="leave"))
+    _process(db, member(room, x, displayname="New"))
+    rejoined = row(db, pending_fetches, x)
+    assert rejoined is not None and rejoined["generation"] > old.generation
+
+    # The old claim answers "Old": its entry is gone, so it applies to nothing now...
+    assert _answer(db, settings, old, ok("Old")) == "discarded"
+    assert row(db, user_directory, x)["display_name"] is None
+    # ...the rejoin's fetch is still due, with its whole budget...
+    assert row(db, pending_fetches, x) == rejoined
+    # ...and a failure of the old claim neither counts against it nor gives it up.
+    with db.begin() as conn:
+        apply_results(conn, [(old, FetchResult(Outcome.INVALID, error="x"))], settings, now_ms())
+    assert row(db, pending_fetches, x) == rejoined
+
+    [new] = claim_all(db)
+    assert new.generation == rejoined["generation"]
+    assert _answer(db, settings, new, ok("New")) == "applied"
+    assert row(db, user_directory, x)["display_name"] == "New"
+    assert row(db, pending_fetches, x) is None
+    # Later echoes of the same value are no news: nothing is queued.
+    _process(
+        db, member("!other:remote.test", local), member("!other:remote.test", x, displayname="New")
+    )
+    assert row(db, pending_fetches, x) is None
+
+
+def test_an_older_answer_landing_after_a_newer_one_is_not_applied(
+    db: Engine, settings: Settings
+) -> None:
+    x, room = user("x"), "!r:remote.test"
+    local = f"@bob:{SERVER_NAME}"
+    _process(db, member(room, local), member(room, x, displayname="A"))
+    [first] = claim_all(db)
+    _process(db, member(room, x, displayname="B"))  # a new trigger while it is in flight
+    with db.begin() as conn:
+        # Due again for the new trigger; taken by another worker at once.
+        [second] = pending.claim(conn, SERVER, now_ms(), now_ms() + 60_000, 10)
+    assert second.generation > first.generation
+    assert _answer(db, settings, second, ok("B")) == "applied"
+    assert _answer(db, settings, first, ok("A")) == "discarded"
+    assert row(db, user_directory, x)["display_name"] == "B"
+    assert row(db, pending_fetches, x) is None

@@ -128,11 +128,40 @@ def test_one_bad_event_does_not_drop_the_others(db: Engine) -> None:
             member("!r:x", "@tab\t:remote.test"),
             member("!r\x00:x", CAROL),
             member("!r\udc00:x", CAROL),
-            join_rules("!r:x", "pub\x00lic"),
         ],
     )
-    assert outcome.invalid == 11
+    assert outcome.invalid == 10
     assert set(entries(db)) == {BOB, ALICE}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{"join_rule": "pub\x00lic"}, {"join_rule": 5}, {}, {"join_rule": "x" * 100}, "public"],
+    ids=["control-character", "not-a-string", "missing", "too-long", "not-an-object"],
+)
+def test_a_malformed_join_rule_makes_the_room_not_public(db: Engine, content: object) -> None:
+    # Fail closed: a rule we cannot read is no rule that lets strangers find members.
+    process(db, [member("!r:x", BOB), join_rules("!r:x", "public"), member("!r:x", ALICE)])
+    assert found(db, DAVE, "alice") == {ALICE}
+    broken = join_rules("!r:x", "public") | {"content": content}
+    outcome = process(db, [broken])
+    assert outcome.invalid == 0
+    with db.connect() as conn:
+        room = conn.execute(select(rooms).where(rooms.c.room_id == "!r:x")).one()
+    assert room.join_rule is None and not room.is_public
+    assert found(db, DAVE, "alice") == set()
+
+
+def test_our_server_leaving_forgets_whether_the_room_was_public(db: Engine) -> None:
+    process(db, [member("!r:x", BOB), join_rules("!r:x", "public"), member("!r:x", ALICE)])
+    process(db, [member("!r:x", BOB, membership="leave")])
+    with db.connect() as conn:
+        room = conn.execute(select(rooms).where(rooms.c.room_id == "!r:x")).one()
+    assert room.join_rule is None and room.history_visibility is None and not room.is_public
+    # Back in: members and publicity are unknown until the room is read again.
+    outcome = process(db, [member("!r:x", EVE)])
+    assert outcome.rooms_to_backfill == {"!r:x": EVE}
+    assert found(db, DAVE, "eve") == set()
 
 
 def test_leaving_the_last_visible_room_removes_the_entry_and_its_pending_fetch(db: Engine) -> None:

@@ -180,13 +180,35 @@ def test_forbidden(homeserver: FakeHomeserver, client: ProfileClient) -> None:
     assert result.error is not None and "M_FORBIDDEN" in result.error
 
 
-def test_unrecognised_endpoint_is_not_a_definitive_not_found(
+def test_unrecognised_endpoint_is_our_homeserver_not_the_user(
     homeserver: FakeHomeserver, client: ProfileClient
 ) -> None:
     # A proxy or wrong HOMESERVER_URL says nothing about the user.
     homeserver.script(ALICE, error(404, "M_UNRECOGNIZED", "Unrecognized request"))
 
-    assert client.fetch(ALICE).outcome is Outcome.TRANSIENT
+    assert client.fetch(ALICE).outcome is Outcome.HOMESERVER
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"}),
+        Raw(b"<html>502 Bad Gateway</html>", status=502, content_type="text/html"),
+        Raw(b"", status=503),
+    ],
+    ids=["401", "bare-502", "bare-503"],
+)
+def test_our_homeserver_refusing_or_missing_is_not_charged_to_the_user(
+    homeserver: FakeHomeserver, client: ProfileClient, reply: Reply | Raw
+) -> None:
+    # A refused AS_TOKEN, or a proxy in front of a stopped homeserver: nothing is
+    # known about the user or their server.
+    homeserver.script(ALICE, reply)
+
+    result = client.fetch(ALICE)
+
+    assert result.outcome is Outcome.HOMESERVER
+    assert homeserver.count(ALICE) == 1  # not retried on the spot
 
 
 @pytest.mark.parametrize(
@@ -222,8 +244,8 @@ def test_rate_limited(
 
 @pytest.mark.parametrize(
     "reply",
-    [BAD_GATEWAY, error(500, "M_UNKNOWN", "Internal error"), Reply(408, {}), Reply(401, {})],
-    ids=["502", "500", "408", "401"],
+    [BAD_GATEWAY, error(500, "M_UNKNOWN", "Internal error"), Reply(408, {})],
+    ids=["502", "500", "408"],
 )
 def test_server_errors_are_transient(
     homeserver: FakeHomeserver, client: ProfileClient, reply: Reply
@@ -243,12 +265,13 @@ def test_redirect_is_not_followed(homeserver: FakeHomeserver, client: ProfileCli
     assert homeserver.count() == 1
 
 
-def test_connection_refused_is_transient(make_client: MakeClient) -> None:
+def test_our_homeserver_refusing_connections_is_ours(make_client: MakeClient) -> None:
     client = make_client(homeserver_url=f"http://127.0.0.1:{free_port()}")
 
     result, elapsed = timed_fetch(client)
 
-    assert result.outcome is Outcome.TRANSIENT
+    assert result.outcome is Outcome.HOMESERVER
+    assert result.error is not None and "HOMESERVER_URL" in result.error
     assert elapsed < 2 * TIMEOUT
 
 

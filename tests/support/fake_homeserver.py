@@ -38,6 +38,8 @@ from types import TracebackType
 PROFILE_PREFIX = "/_matrix/client/v3/profile/"
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 ROOMS_PREFIX = "/_matrix/client/v3/rooms/"
+JOINED_ROOMS_PATH = "/_matrix/client/v3/joined_rooms"
+ADMIN_ROOMS_PATH = "/_synapse/admin/v1/rooms"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Disconnect:
 
 
 Scripted = Reply | Raw | Hang | Trickle | Disconnect
+
+# Users of this server count as the fake homeserver's own (joined_local_members).
+LOCAL_SERVER_NAME = "ours.test"
 
 
 def error(status: int, errcode: str, message: str) -> Reply:
@@ -121,6 +126,13 @@ class _State:
     whoami_calls: int = 0
     rooms: dict[str, FakeRoom] = field(default_factory=dict)
     room_reads: list[tuple[str, str]] = field(default_factory=list)
+    # Answers scripted for the room and admin APIs (not profiles), by path, in order.
+    api_scripts: dict[str, deque[Scripted]] = field(default_factory=lambda: defaultdict(deque))
+    api_requests: list[str] = field(default_factory=list)
+    admin_token: str | None = None
+    # Rooms a user's joined_rooms lists beyond the rooms they are a member of.
+    extra_joined: dict[str, list[str]] = field(default_factory=dict)
+    room_read_latency: float = 0.0
 
 
 @dataclass
@@ -128,8 +140,41 @@ class FakeRoom:
     """A room's current state as the client API shows it to a member."""
 
     members: dict[str, dict[str, str]]  # user_id -> {"display_name", "avatar_url"}
-    join_rule: str = "invite"
-    history_visibility: str = "shared"
+    join_rule: str | None = "invite"
+    history_visibility: str | None = "shared"
+    # Users who left: their member event says so, and they may still read the state
+    # as it was when they left (as Synapse lets them).
+    departed: tuple[str, ...] = ()
+
+    def state(self) -> list[dict]:
+        """The room's current state events, as GET /rooms/{roomId}/state lists them."""
+        events: list[dict] = []
+        for key, event_type, value in (
+            ("join_rule", "m.room.join_rules", self.join_rule),
+            ("history_visibility", "m.room.history_visibility", self.history_visibility),
+        ):
+            if value is not None:
+                events.append(_state_event(event_type, "", {key: value}))
+        for user_id, profile in self.members.items():
+            content: dict[str, object] = {"membership": "join"}
+            if "display_name" in profile:
+                content["displayname"] = profile["display_name"]
+            if "avatar_url" in profile:
+                content["avatar_url"] = profile["avatar_url"]
+            events.append(_state_event("m.room.member", user_id, content))
+        for user_id in self.departed:
+            events.append(_state_event("m.room.member", user_id, {"membership": "leave"}))
+        return events
+
+
+def _state_event(event_type: str, state_key: str, content: dict) -> dict:
+    return {
+        "type": event_type,
+        "state_key": state_key,
+        "content": content,
+        "sender": state_key or "@creator:fake",
+        "event_id": f"$fake-{event_type}-{state_key}",
+    }
 
 
 class _Server(ThreadingHTTPServer):
@@ -173,7 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _whoami(self) -> None:
         state = self.server.state
-        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        token = self._bearer()
+        if self._scripted_api(WHOAMI_PATH):
+            return
         with state.lock:
             state.whoami_calls += 1
             user_id = state.tokens.get(token)
@@ -182,24 +229,114 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(None, 200, {"user_id": user_id})
 
+    def _query(self) -> dict[str, str]:
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        return {key: values[0] for key, values in query.items()}
+
+    def _bearer(self) -> str:
+        return self.headers.get("Authorization", "").removeprefix("Bearer ")
+
+    def _scripted_api(self, path: str) -> bool:
+        """Play the next answer scripted for this path, if any."""
+        state = self.server.state
+        with state.lock:
+            state.api_requests.append(path)
+            queue = state.api_scripts.get(path)
+            scripted = queue.popleft() if queue else None
+        if scripted is None:
+            return False
+        record = RecordedRequest("", "", time.monotonic(), self.headers.get("Authorization"), path)
+        self._play(record, scripted)
+        return True
+
     def _room(self, path: str) -> None:
         state = self.server.state
-        query = urllib.parse.parse_qs(self.path.partition("?")[2])
-        as_user = (query.get("user_id") or [""])[0]
+        as_user = self._query().get("user_id", "")
         room_id, _, rest = urllib.parse.unquote(path[len(ROOMS_PREFIX) :]).partition("/")
         with state.lock:
             state.room_reads.append((room_id, as_user))
             room = state.rooms.get(room_id)
-        if room is None or as_user not in room.members:
+            latency = state.room_read_latency
+        if latency and state.stopping.wait(latency):
+            return
+        if self._scripted_api(path):
+            return
+        if room is None or (as_user not in room.members and as_user not in room.departed):
             self._send_json(None, 403, {"errcode": "M_FORBIDDEN", "error": "Not in room"})
-        elif rest == "joined_members":
-            self._send_json(None, 200, {"joined": room.members})
-        elif rest == "state/m.room.join_rules/":
-            self._send_json(None, 200, {"join_rule": room.join_rule})
-        elif rest == "state/m.room.history_visibility/":
-            self._send_json(None, 200, {"history_visibility": room.history_visibility})
+        elif rest == "state":
+            self._send_json(None, 200, room.state())
         else:
             self._send_json(None, 404, {"errcode": "M_NOT_FOUND", "error": "Not found"})
+
+    def _joined_rooms(self) -> None:
+        state = self.server.state
+        user_id = self._query().get("user_id", "")
+        if self._scripted_api(JOINED_ROOMS_PATH):
+            return
+        with state.lock:
+            known = user_id in state.extra_joined or any(
+                user_id in room.members or user_id in room.departed for room in state.rooms.values()
+            )
+            joined = [room_id for room_id, room in state.rooms.items() if user_id in room.members]
+            joined += state.extra_joined.get(user_id, [])
+        if not known:
+            # A user no scripted room mentions: like a homeserver that will not let the
+            # appservice act as them, it says nothing (so nothing counts as a leave).
+            self._send_json(
+                None,
+                403,
+                {"errcode": "M_FORBIDDEN", "error": "Cannot masquerade as this user"},
+            )
+            return
+        self._send_json(None, 200, {"joined_rooms": joined})
+
+    def _admin(self, path: str) -> None:
+        state = self.server.state
+        with state.lock:
+            admin_token = state.admin_token
+        if admin_token is None or self._bearer() != admin_token:
+            self._send_json(None, 401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
+            return
+        if self._scripted_api(path):
+            return
+        if path == ADMIN_ROOMS_PATH:
+            query = self._query()
+            start, limit = int(query.get("from", "0")), int(query.get("limit", "100"))
+            with state.lock:
+                listed = sorted(state.rooms.items())
+            page = [
+                {
+                    "room_id": room_id,
+                    "joined_members": len(room.members),
+                    "joined_local_members": sum(
+                        1 for user in room.members if user.endswith(":" + LOCAL_SERVER_NAME)
+                    ),
+                    "join_rules": room.join_rule,
+                    "history_visibility": room.history_visibility,
+                    "public": False,
+                }
+                for room_id, room in listed[start : start + limit]
+            ]
+            body: dict[str, object] = {
+                "rooms": page,
+                "offset": start,
+                "total_rooms": len(listed),
+            }
+            if start + limit < len(listed):
+                body["next_batch"] = start + limit
+            self._send_json(None, 200, body)
+            return
+        room_id, _, rest = urllib.parse.unquote(path[len(ADMIN_ROOMS_PATH) + 1 :]).partition("/")
+        with state.lock:
+            state.room_reads.append((room_id, "admin"))
+            room = state.rooms.get(room_id)
+            latency = state.room_read_latency
+        if latency and state.stopping.wait(latency):
+            return
+        if room is None or rest != "state":
+            self._send_json(None, 404, {"errcode": "M_NOT_FOUND", "error": "Room not found"})
+        else:
+            self._send_json(None, 200, {"state": room.state()})
 
     def _route(self) -> None:
         state = self.server.state
@@ -209,6 +346,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path.startswith(ROOMS_PREFIX):
             self._room(path)
+            return
+        if path == JOINED_ROOMS_PATH:
+            self._joined_rooms()
+            return
+        if path.startswith(ADMIN_ROOMS_PATH):
+            self._admin(path)
             return
         if not path.startswith(PROFILE_PREFIX) or "/" in path[len(PROFILE_PREFIX) :]:
             self._send_json(None, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"})
@@ -419,8 +562,39 @@ class FakeHomeserver:
         with self._state.lock:
             self._state.rooms[room_id] = room
 
+    def remove_room(self, room_id: str) -> None:
+        with self._state.lock:
+            self._state.rooms.pop(room_id, None)
+
+    def set_admin_token(self, token: str | None) -> None:
+        """The admin API accepts this token (None: refuses every token with 401)."""
+        with self._state.lock:
+            self._state.admin_token = token
+
+    def set_extra_joined(self, user_id: str, room_ids: list[str]) -> None:
+        with self._state.lock:
+            self._state.extra_joined[user_id] = list(room_ids)
+
+    def set_room_read_latency(self, seconds: float) -> None:
+        """Every room state read (client or admin API) answers after this long."""
+        with self._state.lock:
+            self._state.room_read_latency = seconds
+
+    def script_api(self, path: str, *responses: Scripted) -> None:
+        """Answer the next requests for this room, admin, joined_rooms or whoami path
+        (without query) with these, in order, then behave normally."""
+        with self._state.lock:
+            self._state.api_scripts[path].extend(responses)
+
+    @property
+    def api_requests(self) -> list[str]:
+        """Paths of every room, admin, joined_rooms and whoami request scripts apply to."""
+        with self._state.lock:
+            return list(self._state.api_requests)
+
     @property
     def room_reads(self) -> list[tuple[str, str]]:
+        """(room_id, as_user) of every room state read; as_user "admin" for the admin API."""
         with self._state.lock:
             return list(self._state.room_reads)
 

@@ -17,6 +17,7 @@ from tests.conftest import SERVER_NAME, with_settings
 from tests.directory.api.conftest import RunningApi, serve
 from tests.support.events import join_rules, member
 from tests.support.fake_homeserver import FakeHomeserver
+from tests.support.fake_homeserver import error as error_reply
 from tests.support.state import entry_ids
 
 ALICE = "@alice:remote.test"
@@ -232,10 +233,36 @@ def test_health_and_metrics(api: RunningApi) -> None:
         health = client.get("/health")
         metrics = client.get("/metrics")
         unknown = client.get("/nothing/here")
-    assert health.status_code == 200 and health.json() == {"database": "ok", "redis": "ok"}
+    assert health.status_code == 200
+    assert health.json() == {"homeserver": "ok", "database": "ok", "redis": "ok"}
     assert 'directory_transactions_total{result="accepted"} 1.0' in metrics.text
     assert 'directory_events_total{result="accepted"} 1.0' in metrics.text
     assert "directory_inbox_events 0.0" in metrics.text
     assert 'directory_pending_fetches{state="due"} 1.0' in metrics.text
     assert "directory_entries 1.0" in metrics.text
+    assert "directory_visible_rooms 1.0" in metrics.text
+    assert "directory_bootstrap_running 0.0" in metrics.text
+    assert 'directory_reconcile_repairs_total{kind="members_added"} 0.0' in metrics.text
     assert unknown.status_code == 404 and unknown.json()["errcode"] == "M_UNRECOGNIZED"
+
+
+def test_health_says_when_our_homeserver_refuses_our_token_or_is_down(
+    api: RunningApi, homeserver: FakeHomeserver
+) -> None:
+    # Our own configuration or our homeserver: the operator must see it at once.
+    homeserver.set_token(api.settings.as_token, "@someone-else:elsewhere")
+    homeserver.script_api(
+        "/_matrix/client/v3/account/whoami",
+        error_reply(401, "M_UNKNOWN_TOKEN", "Unknown token"),
+    )
+    with api.client() as client:
+        refused = client.get("/health")
+    assert refused.status_code == 503
+    assert refused.json()["homeserver"].startswith("error: the homeserver refuses AS_TOKEN")
+    assert refused.json()["database"] == "ok"
+
+    homeserver.stop()
+    with api.client() as client:
+        down = client.get("/health")
+    assert down.status_code == 503
+    assert down.json()["homeserver"] == "error: cannot reach HOMESERVER_URL (ConnectError)"

@@ -1,0 +1,152 @@
+"""What /metrics exposes. Request counts and latencies are this process's own; every
+figure about the directory's state, and the totals of work done by any process
+(repairs, snapshots, the bootstrap), is read from the database at each scrape, so it
+is the same whichever server process answers and survives restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Connection, func, select
+
+from directory.models import user_directory
+from directory.snapshots import REPAIRS_PREFIX, SNAPSHOTS_PREFIX
+from directory.storage import bootstrap as bootstrap_store
+from directory.storage import counters, inbox, pending
+from directory.storage import rooms as room_store
+
+
+@dataclass
+class _Readings:
+    """The database's figures as of the last scrape."""
+
+    totals: dict[str, int] = field(default_factory=dict)
+    bootstrap: bootstrap_store.Progress | None = None
+    bootstrap_active: bool = False
+
+
+class _DatabaseTotals(Collector):
+    """Counters whose totals live in the database (storage.counters), and the
+    bootstrap's progress, as read by Metrics.refresh."""
+
+    def __init__(self, readings: _Readings) -> None:
+        self.readings = readings
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.readings.totals
+        repairs = CounterMetricFamily(
+            "directory_reconcile_repairs",
+            "Differences a scheduled room check found and repaired",
+            labels=["kind"],
+        )
+        snapshots = CounterMetricFamily(
+            "directory_snapshots",
+            "Room snapshots applied or refused as stale, by why the room was read",
+            labels=["purpose", "result"],
+        )
+        for kind in ("members_added", "members_removed", "join_rule", "history_visibility"):
+            repairs.add_metric([kind], totals.get(REPAIRS_PREFIX + kind, 0))
+        for name, value in sorted(totals.items()):
+            if name.startswith(SNAPSHOTS_PREFIX):
+                purpose, _, result = name[len(SNAPSHOTS_PREFIX) :].partition(":")
+                snapshots.add_metric([purpose, result], value)
+        yield repairs
+        yield snapshots
+
+        progress = self.readings.bootstrap
+        running = GaugeMetricFamily(
+            "directory_bootstrap_running", "1 while a bootstrap run is unfinished"
+        )
+        running.add_metric([], 1 if self.readings.bootstrap_active else 0)
+        yield running
+        rooms = GaugeMetricFamily(
+            "directory_bootstrap_rooms",
+            "Rooms of the latest bootstrap run, by state",
+            labels=["state"],
+        )
+        memberships = GaugeMetricFamily(
+            "directory_bootstrap_memberships", "Memberships loaded by the latest bootstrap run"
+        )
+        rate = GaugeMetricFamily(
+            "directory_bootstrap_memberships_per_second",
+            "Memberships the latest bootstrap run loaded per second over the last minute",
+        )
+        if progress is not None:
+            for state, value in (
+                ("listed", progress.listed),
+                ("waiting", progress.waiting),
+                ("read", progress.read),
+                ("loaded", progress.loaded),
+                ("failed", progress.failed),
+            ):
+                rooms.add_metric([state], value)
+            memberships.add_metric([], progress.memberships)
+            rate.add_metric(
+                [], progress.recent_memberships / (bootstrap_store.RATE_WINDOW_MS / 1000)
+            )
+        yield rooms
+        yield memberships
+        yield rate
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.transactions = Counter(
+            "directory_transactions", "Appservice transactions", ["result"], registry=self.registry
+        )
+        self.events = Counter(
+            "directory_events", "Events received", ["result"], registry=self.registry
+        )
+        self.searches = Counter(
+            "directory_searches", "Search requests", ["status"], registry=self.registry
+        )
+        self.search_seconds = Histogram(
+            "directory_search_seconds", "Search latency", registry=self.registry
+        )
+        self.entries = Gauge("directory_entries", "Directory entries", registry=self.registry)
+        self.visible_rooms = Gauge(
+            "directory_visible_rooms",
+            "Rooms with a local member (whose members we know)",
+            registry=self.registry,
+        )
+        self.inbox_events = Gauge(
+            "directory_inbox_events",
+            "Events accepted and not applied yet",
+            registry=self.registry,
+        )
+        self.inbox_age = Gauge(
+            "directory_inbox_oldest_age_seconds",
+            "Age of the oldest transaction not applied yet (0 when none waits)",
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "directory_pending_fetches",
+            "Pending profile fetches",
+            ["state"],
+            registry=self.registry,
+        )
+        self._readings = _Readings()
+        self.registry.register(_DatabaseTotals(self._readings))
+
+    def refresh(self, conn: Connection, now: int) -> None:
+        """Read the database's figures (in a worker thread: it blocks)."""
+        self.entries.set(conn.scalar(select(func.count()).select_from(user_directory)))
+        self.visible_rooms.set(room_store.count_visible(conn))
+        summary = pending.summary(conn, now)
+        backlog = inbox.backlog(conn)
+        self.inbox_events.set(backlog.events)
+        self.inbox_age.set(0 if backlog.oldest_ms is None else (now - backlog.oldest_ms) / 1000)
+        self.pending.labels("due").set(summary.due)
+        self.pending.labels("waiting").set(summary.waiting)
+        self.pending.labels("given_up").set(summary.given_up)
+        self._readings.totals = counters.read(conn)
+        run = bootstrap_store.latest_run(conn)
+        self._readings.bootstrap_active = run is not None and run.finished_at_ms is None
+        self._readings.bootstrap = (
+            None if run is None else bootstrap_store.progress(conn, run.id, now)
+        )
