@@ -42,7 +42,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             lines = args.users_file.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise CommandError(f"cannot read the users file: {exc}") from exc
-        users = bootstrap.read_users_file(lines, settings.server_name)
+        try:
+            users = bootstrap.read_users_file(lines, settings.server_name)
+        except bootstrap.BootstrapError as exc:
+            raise CommandError(str(exc)) from exc
     client = HomeserverClient(settings)
     try:
         source = bootstrap.source_for(settings, users_file=users is not None)
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from tasks.outbox import publish_bootstrap
 
-    publish_bootstrap(run_id, lister=True)
+    publish_bootstrap(run_id, lister=True, force=True)
     if args.no_wait:
         print("the workers load it; `python -m directory bootstrap --status` shows where it stands")
         return 0

@@ -246,10 +246,12 @@ def load_step(
     client: HomeserverClient,
     run_id: int,
     budget_s: float,
+    wake: Callable[[], object],
     keep_alive: Callable[[], object] = lambda: None,
 ) -> StepResult:
     """Read due rooms of the run for `budget_s` at most, queueing each snapshot in the
-    inbox; `keep_alive` is called between rooms (the loader extends its slot)."""
+    inbox and calling `wake` (the consumer) after each claim's rooms; `keep_alive` is
+    called between rooms (the loader extends its slot)."""
     deadline = time.monotonic() + budget_s
     read = 0
     while time.monotonic() < deadline:
@@ -267,7 +269,9 @@ def load_step(
         for index, room in enumerate(claimed):
             keep_alive()
             try:
-                read += _load_room(engine, client, run_id, room)
+                if _load_room(engine, client, run_id, room):
+                    read += 1
+                    wake()
                 if waiting_since_error:
                     # The homeserver answers again: the run no longer waits for it.
                     with engine.begin() as conn:

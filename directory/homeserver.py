@@ -218,6 +218,8 @@ class HomeserverClient:
             {"user_id": as_user},
             max_bytes=MAX_STATE_BYTES,
         )
+        if not isinstance(state, list):
+            raise HomeserverUnavailable(f"{room_id}: the room state is not a list of events")
         snapshot = snapshot_from_state(state)
         if as_user not in snapshot.joined:
             raise RoomUnreadable(
@@ -230,7 +232,11 @@ class HomeserverClient:
         body = self._as_admin(
             f"{ADMIN_API}/v1/rooms/{_segment(room_id)}/state", max_bytes=MAX_STATE_BYTES
         )
-        return snapshot_from_state(body.get("state") if isinstance(body, dict) else None)
+        state = body.get("state") if isinstance(body, dict) else None
+        if not isinstance(state, list):
+            # Taken as the room's state, it would make every member we know leave.
+            raise HomeserverUnavailable(f"{room_id}: the admin API sent no state list")
+        return snapshot_from_state(state)
 
     def admin_rooms(self, start: str | None, limit: int) -> RoomsPage:
         """One page of Synapse's admin room list, from `start` (a next_batch)."""

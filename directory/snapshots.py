@@ -223,8 +223,11 @@ def _apply_group(
             count_as_events=False,
         )
     )
-    # A full snapshot answers whatever the room waited for (its backfill, its check).
+    # A full snapshot answers whatever the room waited for (its backfill, its check),
+    # including the backfill the hooks ask for when it makes the room visible.
     checked = {item.room_id for item in current if item.snapshot is not None}
+    for room_id in checked:
+        outcome.rooms_to_backfill.pop(room_id, None)
     room_store.mark_checked(
         conn,
         {room: next_recheck_ms(now_ms, recheck_seconds) for room in checked},

@@ -90,7 +90,7 @@ def rebuild_queue_on_start(**_kwargs: object) -> None:
     from tasks.maintenance import publish_due_work
 
     try:
-        published = publish_due_work()
+        published = publish_due_work(force=True)
         logger.info("worker start: queued %d tasks of due work", published)
     except Exception:
         logger.exception("worker start: could not rebuild the queue; beat will retry")

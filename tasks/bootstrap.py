@@ -25,18 +25,26 @@ from tasks.outbox import (
     bootstrap_lister_key,
     bootstrap_loaders_drained,
     publish_bootstrap,
+    wake_inbox_consumer,
 )
 from tasks.resources import get_resources
 
 logger = logging.getLogger(__name__)
 
 SLOTS_KEY = "ud:bootstrap:slots"
+
+
+def bootstrap_waiter_key(run_id: int) -> str:
+    return f"ud:bootstrap:{run_id}:waiter"
+
+
 # A step's time budget; the next step is a new task, so no broker message is held long.
 STEP_BUDGET_S = 30.0
-# Locks and slots outlive one request (60 s at most for a big room's state) and are
-# extended between rooms and pages, so only a dead holder loses them.
-HOLD_TTL_MS = 90_000
-EXTEND_EVERY_S = 10.0
+# Locks and slots are extended between rooms and pages, so only a dead holder loses
+# them, and a dead holder's come back within this (a read of one huge room's state
+# may outlast it, and a loader more may then read for a moment).
+HOLD_TTL_MS = 30_000
+EXTEND_EVERY_S = 5.0
 
 
 class _Keeper:
@@ -58,7 +66,18 @@ def list_rooms(run_id: int) -> int:
     resources = get_resources()
     lock = Lock(resources.redis, bootstrap_lister_key(run_id), HOLD_TTL_MS)
     if not lock.acquire():
-        return 0  # another lister is at it
+        # Another lister is at it, or died holding the lock: look again once it would
+        # have expired, while the listing is not complete.
+        with resources.engine.connect() as conn:
+            run = bootstrap_store.get_run(conn, run_id)
+        if run is not None and run.listed_at_ms is None and run.finished_at_ms is None:
+            app.send_task(
+                BOOTSTRAP_LIST_TASK,
+                args=(run_id,),
+                queue=EVENTS_QUEUE,
+                countdown=HOLD_TTL_MS / 1000,
+            )
+        return 0
     try:
         result = bootstrap.list_step(
             resources.engine,
@@ -90,13 +109,24 @@ def load_rooms(run_id: int) -> int:
         resources.redis, SLOTS_KEY, resources.settings.bootstrap_concurrency, HOLD_TTL_MS
     )
     if not slot.acquire():
-        return 0  # BOOTSTRAP_CONCURRENCY loaders are reading already
+        # BOOTSTRAP_CONCURRENCY loaders are reading already, or died holding their
+        # slots (a killed worker's expire within HOLD_TTL_MS): one waiter looks again
+        # then, so the run never stalls behind dead loaders.
+        if resources.redis.set(bootstrap_waiter_key(run_id), 1, nx=True, px=HOLD_TTL_MS // 2):
+            app.send_task(
+                BOOTSTRAP_LOAD_TASK,
+                args=(run_id,),
+                queue=EVENTS_QUEUE,
+                countdown=HOLD_TTL_MS / 2000,
+            )
+        return 0
     try:
         result = bootstrap.load_step(
             resources.engine,
             resources.homeserver,
             run_id,
             STEP_BUDGET_S,
+            wake=wake_inbox_consumer,
             keep_alive=_Keeper(slot.extend),
         )
     finally:

@@ -141,17 +141,21 @@ def backfill_started(room_id: str) -> None:
         logger.warning("could not clear the queued mark of %s", room_id, exc_info=True)
 
 
-def publish_bootstrap(run_id: int, *, lister: bool, loaders: bool = True) -> int:
+def publish_bootstrap(
+    run_id: int, *, lister: bool, loaders: bool = True, force: bool = False
+) -> int:
     """Queue a bootstrap run's lister and its BOOTSTRAP_CONCURRENCY loaders, unless
-    they are queued or running already. Returns how many tasks were sent."""
+    they are queued or running already (`force`: whatever Redis says, as when the
+    operator runs the bootstrap again or a worker starts: the tasks Redis thinks are
+    queued may have died with a worker). Returns how many tasks were sent."""
     resources = get_resources()
     sent = 0
     try:
-        if lister and not resources.redis.exists(bootstrap_lister_key(run_id)):
+        if lister and (force or not resources.redis.exists(bootstrap_lister_key(run_id))):
             app.send_task(BOOTSTRAP_LIST_TASK, args=(run_id,), queue=EVENTS_QUEUE)
             sent += 1
         if loaders and resources.redis.set(
-            bootstrap_loaders_key(run_id), 1, nx=True, px=BOOTSTRAP_LOADERS_MARK_TTL_MS
+            bootstrap_loaders_key(run_id), 1, nx=not force, px=BOOTSTRAP_LOADERS_MARK_TTL_MS
         ):
             for _ in range(resources.settings.bootstrap_concurrency):
                 app.send_task(BOOTSTRAP_LOAD_TASK, args=(run_id,), queue=EVENTS_QUEUE)
@@ -168,10 +172,13 @@ def bootstrap_loaders_drained(run_id: int) -> None:
     get_resources().redis.delete(bootstrap_loaders_key(run_id))
 
 
-def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = None) -> int:
-    """Queue fetch runs for these destinations, those with the most due users first;
-    returns how many tasks were sent. The queue is FIFO and the biggest destination
-    takes longest to drain: started behind the others, it would hold up convergence."""
+def publish_fetches(
+    servers: Iterable[str], due_counts: dict[str, int] | None = None, *, force: bool = False
+) -> int:
+    """Queue fetch runs for these destinations, those with the most due users first,
+    unless runs are queued already (`force`: whatever Redis says); returns how many
+    tasks were sent. The queue is FIFO and the biggest destination takes longest to
+    drain: started behind the others, it would hold up convergence."""
     resources = get_resources()
     settings = resources.settings
     servers = list(servers)
@@ -194,7 +201,7 @@ def publish_fetches(servers: Iterable[str], due_counts: dict[str, int] | None = 
         # round trip in a busy threads pool also waits for the interpreter lock.
         with resources.redis.pipeline(transaction=False) as pipe:
             for server, copies in runs.items():
-                pipe.set(queued_key(server), copies, nx=True, px=QUEUED_MARK_TTL_MS)
+                pipe.set(queued_key(server), copies, nx=not force, px=QUEUED_MARK_TTL_MS)
             marked = pipe.execute()
         for (server, copies), is_new in zip(runs.items(), marked, strict=True):
             if not is_new:
@@ -268,11 +275,12 @@ def inbox_consumer_started() -> None:
     get_resources().redis.delete(INBOX_WAKE_KEY)
 
 
-def publish_due_work() -> int:
+def publish_due_work(*, force: bool = False) -> int:
     """Queue everything the database says is due: fetch runs for every destination with
     due users, backfills of rooms still waiting for one, an active bootstrap's tasks,
-    and the inbox consumer if accepted transactions wait (reconciliation, worker
-    start)."""
+    and the inbox consumer if accepted transactions wait (reconciliation; a starting
+    worker forces it, whatever marks Redis holds: the tasks they stand for may have
+    died with a worker)."""
     resources = get_resources()
     now = now_ms()
     with resources.engine.connect() as conn:
@@ -283,11 +291,12 @@ def publish_due_work() -> int:
         run_due = None if run is None else bootstrap_store.next_due_ms(conn, run.id)
     if backlog.transactions:
         wake_inbox_consumer(force=True)
-    sent = publish_fetches(due, due) + publish_backfills(rooms)
+    sent = publish_fetches(due, due, force=force) + publish_backfills(rooms, force=force)
     if run is not None:
         sent += publish_bootstrap(
             run.id,
             lister=run.listed_at_ms is None,
             loaders=run_due is not None and run_due <= now,
+            force=force,
         )
     return sent

@@ -128,7 +128,7 @@ class _State:
     room_reads: list[tuple[str, str]] = field(default_factory=list)
     # Answers scripted for the room and admin APIs (not profiles), by path, in order.
     api_scripts: dict[str, deque[Scripted]] = field(default_factory=lambda: defaultdict(deque))
-    api_requests: list[str] = field(default_factory=list)
+    api_requests: list[tuple[str, float]] = field(default_factory=list)
     admin_token: str | None = None
     # Rooms a user's joined_rooms lists beyond the rooms they are a member of.
     extra_joined: dict[str, list[str]] = field(default_factory=dict)
@@ -240,7 +240,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Play the next answer scripted for this path, if any."""
         state = self.server.state
         with state.lock:
-            state.api_requests.append(path)
+            state.api_requests.append((path, time.monotonic()))
             queue = state.api_scripts.get(path)
             scripted = queue.popleft() if queue else None
         if scripted is None:
@@ -588,7 +588,13 @@ class FakeHomeserver:
 
     @property
     def api_requests(self) -> list[str]:
-        """Paths of every room, admin, joined_rooms and whoami request scripts apply to."""
+        """Paths of every room, admin, joined_rooms and whoami request, in order."""
+        with self._state.lock:
+            return [path for path, _ in self._state.api_requests]
+
+    @property
+    def api_request_times(self) -> list[tuple[str, float]]:
+        """(path, time.monotonic() on arrival) of the same requests."""
         with self._state.lock:
             return list(self._state.api_requests)
 
