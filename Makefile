@@ -11,7 +11,7 @@ include .env
 export
 endif
 
-.PHONY: install run server worker beat flower migrate redis registration bench test test-postgresql test-sqlite lint clean
+.PHONY: install run server worker beat flower migrate redis registration bootstrap bench test test-postgresql test-sqlite lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ server: install redis
 
 registration: install
 	@$(PY) -m directory registration
+
+# Load every room the homeserver is already in (README: "Installing on an existing
+# homeserver"); needs ADMIN_TOKEN, or BOOTSTRAP_ARGS="--users-file users.txt".
+bootstrap: install redis migrate
+	$(PY) -m directory bootstrap $(BOOTSTRAP_ARGS)
 
 worker: install redis
 	$(PY) worker.py

@@ -104,24 +104,24 @@ class ProgressLine:
         self.last_plain = 0.0
         self.width = 0
 
-    def rate(self, progress: store.Progress) -> tuple[float, float]:
-        """Rooms and memberships per second, over the CLI's recent readings (the
-        database's last minute until there are enough of them)."""
+    def rate(self, run: store.Run, progress: store.Progress) -> tuple[float, float]:
+        """Rooms and memberships per second, over the CLI's recent readings (the run's
+        average until there are enough of them)."""
         now = time.monotonic()
         self.readings.append(Reading(now, progress.loaded, progress.memberships))
         while self.readings and now - self.readings[0].at > RATE_WINDOW_SECONDS:
             self.readings.popleft()
         first = self.readings[0]
         if now - first.at < 2.0:
-            window = store.RATE_WINDOW_MS / 1000
-            return progress.recent_rooms / window, progress.recent_memberships / window
+            elapsed = max(0.001, (now_ms() - run.started_at_ms) / 1000)
+            return progress.loaded / elapsed, progress.memberships / elapsed
         elapsed = now - first.at
         return (progress.loaded - first.rooms) / elapsed, (
             progress.memberships - first.memberships
         ) / elapsed
 
     def text(self, run: store.Run, progress: store.Progress) -> str:
-        rooms_rate, members_rate = self.rate(progress)
+        rooms_rate, members_rate = self.rate(run, progress)
         listing = run.listed_at_ms is None
         total = progress.listed
         if listing and run.rooms_reported:
@@ -184,10 +184,11 @@ def watch(engine: Engine, run_id: int, stream: TextIO) -> int:
 
 
 def _summary(engine: Engine, run: store.Run, progress: store.Progress, stream: TextIO) -> int:
-    took = duration(((run.finished_at_ms or now_ms()) - run.started_at_ms) / 1000)
+    seconds = max(0.001, ((run.finished_at_ms or now_ms()) - run.started_at_ms) / 1000)
     stream.write(
-        f"bootstrap run {run.id} finished in {took}: {progress.loaded:,} rooms loaded,"
-        f" {progress.memberships:,} memberships, {progress.failed:,} rooms failed\n"
+        f"bootstrap run {run.id} finished in {duration(seconds)}: {progress.loaded:,} rooms"
+        f" loaded, {progress.memberships:,} memberships ({progress.memberships / seconds:,.0f}/s),"
+        f" {progress.failed:,} rooms failed\n"
     )
     if not progress.failed:
         return 0

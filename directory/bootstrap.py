@@ -1,6 +1,8 @@
 """Loading a homeserver that already has rooms: the directory knows only what events
-told it, and a homeserver never replays the members of rooms joined before we were
-registered.
+told it. A homeserver does not replay the members already in a room, and what it sends
+a newly registered appservice of the past depends on its own bookkeeping (a Synapse
+that never had an appservice sends the history it still holds; one that had sends
+nothing), so only reading the rooms gives their current state.
 
 A run lists every room our homeserver is in, then reads each one and queues its
 snapshot in the inbox, where the consumer applies it in order with live events,

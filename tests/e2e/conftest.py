@@ -76,15 +76,24 @@ def _our_settings(settings: Settings, hs1: SynapseServer, port: int, reg: Appser
     )
 
 
-def _start(
-    settings: Settings, db: Engine, tmp_path: Path, servers: tuple[SynapseServer, ...], port: int
-) -> tuple[ProcessGroup, str]:
-    processes = ProcessGroup(settings, tmp_path / "ours")
+def _our_processes(settings: Settings, tmp_path: Path) -> ProcessGroup:
+    """Our processes' group (none started yet), logging under tmp_path/ours."""
     (tmp_path / "ours").mkdir()
-    # Ours first: Synapse's first transactions would otherwise wait for its retry backoff.
+    return ProcessGroup(settings, tmp_path / "ours")
+
+
+def _start_ours(processes: ProcessGroup) -> None:
     processes.start_server()
     processes.start_worker()
     processes.start_beat()
+
+
+def _start(
+    settings: Settings, db: Engine, tmp_path: Path, servers: tuple[SynapseServer, ...], port: int
+) -> tuple[ProcessGroup, str]:
+    # Ours first: Synapse's first transactions would otherwise wait for its retry backoff.
+    processes = _our_processes(settings, tmp_path)
+    _start_ours(processes)
     start_servers(*servers)
     return processes, f"http://127.0.0.1:{port}"
 
@@ -124,3 +133,51 @@ def single(
     finally:
         processes.kill_all()
         hs.stop()
+
+
+@dataclass
+class LateRegistration:
+    """Two federating homeservers already running WITHOUT our appservice, and nothing
+    of ours started: what an operator installing the directory on a living homeserver
+    finds. register() then does the installation."""
+
+    hs1: SynapseServer
+    hs2: SynapseServer
+    registration: AppserviceRegistration
+    # Ours, for hs1; ADMIN_TOKEN is added by register().
+    settings: Settings
+    engine: Engine
+    tmp_path: Path
+    processes: ProcessGroup | None = None
+
+    def register(self, admin: MatrixUser) -> Deployment:
+        """Register the appservice on hs1 (restarting it), then start our processes,
+        configured with `admin`'s token for the bootstrap."""
+        assert self.processes is None, "registered already"
+        self.hs1.register_appservice(self.registration)
+        self.settings = with_settings(self.settings, admin_token=admin.access_token)
+        # Kept before anything starts, so the fixture kills whatever did if one fails.
+        self.processes = _our_processes(self.settings, self.tmp_path)
+        _start_ours(self.processes)
+        url = f"http://127.0.0.1:{self.settings.http_port}"
+        return Deployment(self.hs1, self.hs2, self.processes, url, self.engine)
+
+
+@pytest.fixture
+def late_registration(
+    settings: Settings, db: Engine, redis_client: object, tmp_path: Path
+) -> Iterator[LateRegistration]:
+    port = free_port()
+    reg = AppserviceRegistration(
+        url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
+    )
+    hs1, hs2 = plan_federating_pair(tmp_path / "synapse", appservice=None)
+    start_servers(hs1, hs2)
+    testbed = LateRegistration(hs1, hs2, reg, _our_settings(settings, hs1, port, reg), db, tmp_path)
+    try:
+        yield testbed
+    finally:
+        if testbed.processes is not None:
+            testbed.processes.kill_all()
+        hs1.stop()
+        hs2.stop()

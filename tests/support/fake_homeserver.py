@@ -6,6 +6,12 @@ part of the user id after the first ':'): latency, a concurrency limit answered 
 429, or being down (502, as Synapse answers when the remote is unreachable). Single
 users can be scripted with hostile or failing responses, consumed one per request.
 
+It also answers what our service reads of our own homeserver: `whoami` (tokens set with
+set_token), a room's current state as a member (`GET /rooms/{roomId}/state?user_id=`,
+rooms set with set_room), a user's `joined_rooms`, and Synapse's admin room list and
+room state (with the token set by set_admin_token). Those answers can be scripted per
+path with script_api.
+
 It runs in a background thread of the test process, so tests script it directly while
 Celery worker subprocesses call it over TCP. Every request is recorded.
 

@@ -4,15 +4,17 @@ Synapse runs from its own venv (.venv-synapse, made by scripts/synapse-venv) so 
 pinned dependencies never meet ours; we only talk to it over HTTP. Each server keeps
 everything (config, SQLite database, signing key, certificate, log) in its workdir.
 
-The configuration follows shared/synapse-testbed.md: a generated base config plus an
-overrides file that Synapse merges one top-level key at a time. Overrides are written
-as JSON, which is valid YAML, so this module needs no YAML library.
+The configuration is a generated base config plus an overrides file that Synapse merges
+one top-level key at a time. Overrides are written as JSON, which is valid YAML, so this
+module needs no YAML library.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import hmac
 import json
 import secrets
 import signal
@@ -35,6 +37,8 @@ from tests.support.services import free_port
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYNAPSE_VENV_SCRIPT = PROJECT_ROOT / "scripts" / "synapse-venv"
 SYNAPSE_VERSION = "1.163.2"
+# Fixed so tests can use the shared-secret admin registration API (register_admin).
+REGISTRATION_SHARED_SECRET = "synapse-testbed-shared-secret"
 
 # Every rate limit Synapse 1.163 reads, raised so tests never meet M_LIMIT_EXCEEDED.
 _UNLIMITED = {"per_second": 10000, "burst_count": 100000}
@@ -262,6 +266,16 @@ class SynapseServer:
                 preexec_fn=_die_with_parent,
             )
 
+    def register_appservice(self, appservice: AppserviceRegistration, timeout: float = 60) -> None:
+        """Add the appservice to a server that may already have users and rooms, as an
+        operator does: write the registration, then restart (Synapse reads
+        app_service_config_files only at start)."""
+        was_running = self.running
+        self.stop()
+        self.appservice = appservice
+        if was_running:
+            self.start(timeout)
+
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait until the client API answers (and the federation port accepts)."""
         deadline = time.monotonic() + timeout
@@ -349,8 +363,7 @@ class SynapseServer:
             "log_config": str(self.workdir / "log.config"),
             "enable_registration": True,
             "enable_registration_without_verification": True,
-            # Fixed so tests could use the shared-secret admin registration API.
-            "registration_shared_secret": "synapse-testbed-shared-secret",
+            "registration_shared_secret": REGISTRATION_SHARED_SECRET,
             "trusted_key_servers": [],
             "suppress_key_server_warning": True,
             "presence": {"enabled": False},
@@ -440,6 +453,34 @@ class SynapseServer:
         if displayname is not None:
             user.set_displayname(displayname)
         return user
+
+    def register_admin(
+        self, localpart: str, password: str = "password", displayname: str | None = None
+    ) -> MatrixUser:
+        """A new server admin, logged in, through Synapse's shared-secret registration
+        API: GET a nonce, then POST with an HMAC-SHA1 over nonce, user, password and the
+        admin flag, keyed with registration_shared_secret."""
+        path = "/_synapse/admin/v1/register"
+        response = self.http.get(path)
+        if response.status_code != 200:
+            raise MatrixError("GET", path, response.status_code, _json(response))
+        nonce = response.json()["nonce"]
+        mac = hmac.new(REGISTRATION_SHARED_SECRET.encode(), digestmod=hashlib.sha1)
+        mac.update(b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), b"admin"]))
+        body = {
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": True,
+            "mac": mac.hexdigest(),
+        }
+        if displayname is not None:
+            body["displayname"] = displayname
+        response = self.http.post(path, json=body)
+        data = _json(response)
+        if response.status_code != 200:
+            raise MatrixError("POST", path, response.status_code, data)
+        return MatrixUser(data["user_id"], data["access_token"], self)
 
 
 def _json(response: httpx.Response) -> dict:
@@ -602,6 +643,7 @@ def random_token() -> str:
 
 
 __all__ = [
+    "REGISTRATION_SHARED_SECRET",
     "AppserviceRegistration",
     "MatrixError",
     "MatrixUser",
