@@ -17,6 +17,8 @@ from bench.population import LOCAL_SERVER
 
 AS_TOKEN = "bench-as-token"
 HS_TOKEN = "bench-hs-token"
+# A server admin's token on the fake homeserver: the bootstrap lists rooms with it.
+ADMIN_TOKEN = "bench-admin-token"
 
 
 @dataclass
@@ -42,6 +44,11 @@ class Sizes:
     steady_rate: float = 500.0
     rss_fetches: int = 200_000
     rss_latency_ms: float = 0.0
+    # The homeserver the bootstrap loads: rooms x members memberships; remote members
+    # are drawn from this many users on `servers` servers.
+    bootstrap_rooms: int = 10_000
+    bootstrap_members: int = 50
+    bootstrap_users: int = 50_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -58,6 +65,9 @@ class Sizes:
             search_queries=100,
             steady_seconds=5.0,
             rss_fetches=4_000,
+            bootstrap_rooms=300,
+            bootstrap_members=20,
+            bootstrap_users=2_000,
         )
 
 
@@ -104,6 +114,7 @@ class Context:
             "HOMESERVER_URL": self.fake_url,
             "AS_TOKEN": AS_TOKEN,
             "HS_TOKEN": HS_TOKEN,
+            "ADMIN_TOKEN": ADMIN_TOKEN,
             "HTTP_HOST": "127.0.0.1",
             "HTTP_PORT": str(http_port),
             "WORKER_CONCURRENCY": str(self.sizes.worker_concurrency),

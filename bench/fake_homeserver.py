@@ -9,15 +9,25 @@ It answers, as our own homeserver would after asking over federation:
 - GET  /_matrix/client/v3/profile/{userId}: after LATENCY, the public profile derived
   from the user id (bench.population.public_profile); 429 M_LIMIT_EXCEEDED at once to
   any request beyond MAX_CONCURRENT in flight for that user's server.
-- GET  /_matrix/client/v3/account/whoami: token "bench:@user:server" is that user.
+- GET  /_matrix/client/v3/account/whoami: token "bench:@user:server" is that user;
+  AS_TOKEN (from the environment, as the service's) is @userdirectory:LOCAL_SERVER,
+  ADMIN_TOKEN @admin:LOCAL_SERVER.
 - GET  /_matrix/client/v3/rooms/...: 403, so a room backfill reads nothing and leaves
   what events said (the benchmark's rooms are fully described by their events).
+- GET  /_synapse/admin/v1/rooms?limit=&from=: the generated homeserver's rooms
+  (bench/roomset.py), a page at a time as Synapse pages them (`from` an offset,
+  `next_batch` absent on the last page); GET /_synapse/admin/v1/rooms/{roomId}/state:
+  its current state. Only with ADMIN_TOKEN (401 for an unknown token, 403 for AS_TOKEN,
+  which is not a server admin's). Each state body is generated when asked for (about
+  0.1 ms), so 10,000 reads cost the loop a second or two in all.
 Control (harness only):
 - GET  /_bench/stats   requests, 429s and peak concurrency per server, requests per
-                       user, room reads
+                       user, room reads, every request to "our homeserver" by kind
 - POST /_bench/reset   zero the counters
 - POST /_bench/config  {"latency_ms": float, "max_concurrent": int}
 - POST /_bench/profiles {"@u:s": version, ...}: later global renames
+- POST /_bench/rooms   {"rooms", "members", "users", "servers", "seed"}: the generated
+                       homeserver the admin API serves ({"rooms": 0}: none)
 """
 
 from __future__ import annotations
@@ -26,17 +36,39 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import time
 import urllib.parse
 from collections import defaultdict
 from typing import Any
 
-from bench.population import public_profile
+from bench.population import LOCAL_SERVER, public_profile
+from bench.roomset import GeneratedRooms, RoomSpec
+
+try:  # the service's own dependency: ten times faster on 20 KB state bodies
+    import orjson
+
+    def _encode(body: object) -> bytes:
+        return orjson.dumps(body)
+except ImportError:  # pragma: no cover
+
+    def _encode(body: object) -> bytes:
+        return json.dumps(body).encode()
+
 
 PROFILE_PREFIX = "/_matrix/client/v3/profile/"
 WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 ROOMS_PREFIX = "/_matrix/client/v3/rooms/"
+ADMIN_PREFIX = "/_synapse/admin/"
+ADMIN_ROOMS = "/_synapse/admin/v1/rooms"
+# The tokens the service is configured with (the harness starts us with its env).
+AS_TOKEN = os.environ.get("AS_TOKEN", "")
+ADMIN_TOKEN = os.environ.get("ADMIN_TOKEN", "")
+AS_USER = f"@userdirectory:{LOCAL_SERVER}"
+ADMIN_USER = f"@admin:{LOCAL_SERVER}"
+# Synapse's default page of the admin room list.
+DEFAULT_ROOMS_LIMIT = 100
 # Requests larger than this are not ours: refuse instead of buffering.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # An idle keep-alive connection is closed after this, so a dead client frees its task.
@@ -48,6 +80,7 @@ class State:
         self.latency = 0.05
         self.max_concurrent = 3
         self.versions: dict[str, int] = {}
+        self.rooms: GeneratedRooms | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -60,6 +93,10 @@ class State:
         self.span: dict[str, list[float]] = {}
         self.room_reads = 0
         self.whoami = 0
+        # Every request to "our homeserver" other than profiles, by kind: whoami,
+        # admin_rooms (list pages), admin_state (room state reads), admin_refused,
+        # client_rooms, other.
+        self.homeserver: dict[str, int] = defaultdict(int)
         self.first_request: float | None = None
         self.last_request: float | None = None
 
@@ -74,6 +111,8 @@ class State:
             "total_rate_limited": sum(self.rate_limited.values()),
             "room_reads": self.room_reads,
             "whoami": self.whoami,
+            "homeserver_requests": dict(self.homeserver),
+            "homeserver_requests_total": sum(self.homeserver.values()),
             "first_request": self.first_request,
             "last_request": self.last_request,
             "now": time.time(),
@@ -81,11 +120,18 @@ class State:
 
 
 STATE = State()
-REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too Many"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many",
+}
 
 
 def _response(status: int, body: object, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    payload = json.dumps(body).encode()
+    payload = _encode(body)
     head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}"]
     head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
     head += [f"{k}: {v}" for k, v in extra]
@@ -121,12 +167,65 @@ async def _profile(path: str) -> bytes:
         STATE.in_flight[server] -= 1
 
 
-def _whoami(headers: dict[str, str]) -> bytes:
+def _token(headers: dict[str, str], query: dict[str, list[str]]) -> str:
+    header = headers.get("authorization", "")
+    if header:
+        return header.removeprefix("Bearer ").strip()
+    return (query.get("access_token") or [""])[0]
+
+
+def _whoami(headers: dict[str, str], query: dict[str, list[str]]) -> bytes:
     STATE.whoami += 1
-    token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    STATE.homeserver["whoami"] += 1
+    token = _token(headers, query)
     if token.startswith("bench:@"):
         return _response(200, {"user_id": token.removeprefix("bench:")})
+    if AS_TOKEN and token == AS_TOKEN:
+        return _response(200, {"user_id": AS_USER})
+    if ADMIN_TOKEN and token == ADMIN_TOKEN:
+        return _response(200, {"user_id": ADMIN_USER})
     return _response(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
+
+
+def _admin(path: str, headers: dict[str, str], query: dict[str, list[str]]) -> bytes:
+    """Synapse's admin room list and room state, for the generated homeserver."""
+    token = _token(headers, query)
+    if not (ADMIN_TOKEN and token == ADMIN_TOKEN):
+        STATE.homeserver["admin_refused"] += 1
+        if token and token == AS_TOKEN:
+            return _response(403, {"errcode": "M_FORBIDDEN", "error": "You are not a server admin"})
+        return _response(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
+    rooms = STATE.rooms
+    if path == ADMIN_ROOMS:
+        STATE.homeserver["admin_rooms"] += 1
+        total = rooms.spec.rooms if rooms else 0
+        try:
+            start = int((query.get("from") or ["0"])[0])
+            limit = int((query.get("limit") or [str(DEFAULT_ROOMS_LIMIT)])[0])
+        except ValueError:
+            return _response(400, {"errcode": "M_INVALID_PARAM", "error": "Bad paging"})
+        if start < 0 or limit < 0:
+            return _response(400, {"errcode": "M_INVALID_PARAM", "error": "Bad paging"})
+        end = min(total, start + limit)
+        page: dict[str, Any] = {
+            "rooms": [rooms.list_entry(i) for i in range(start, end)] if rooms else [],
+            "offset": start,
+            "total_rooms": total,
+        }
+        if end < total:
+            page["next_batch"] = end
+        if start > 0:
+            page["prev_batch"] = max(0, start - limit)
+        return _response(200, page)
+    room_id, _, rest = path[len(ADMIN_ROOMS) + 1 :].partition("/")
+    index = rooms.index_of(urllib.parse.unquote(room_id)) if rooms else None
+    if rest == "state" and path.startswith(ADMIN_ROOMS + "/"):
+        STATE.homeserver["admin_state"] += 1
+        if index is None:
+            return _response(404, {"errcode": "M_NOT_FOUND", "error": "Room not found"})
+        return _response(200, {"state": rooms.state_events(index)})
+    STATE.homeserver["other"] += 1
+    return _response(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"})
 
 
 def _control(method: str, path: str, body: bytes) -> bytes:
@@ -140,22 +239,29 @@ def _control(method: str, path: str, body: bytes) -> bytes:
         STATE.max_concurrent = int(data.get("max_concurrent", STATE.max_concurrent))
     elif method == "POST" and path == "/_bench/profiles":
         STATE.versions.update({str(k): int(v) for k, v in data.items()})
+    elif method == "POST" and path == "/_bench/rooms":
+        STATE.rooms = GeneratedRooms(RoomSpec.from_json(data)) if data.get("rooms") else None
     else:
         return _response(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"})
     return _response(200, {})
 
 
 async def _route(method: str, target: str, headers: dict[str, str], body: bytes) -> bytes:
-    path = target.split("?", 1)[0]
+    path, _, raw_query = target.partition("?")
     if path.startswith(PROFILE_PREFIX) and method == "GET":
         return await _profile(path)
-    if path == WHOAMI_PATH:
-        return _whoami(headers)
-    if path.startswith(ROOMS_PREFIX):
-        STATE.room_reads += 1
-        return _response(403, {"errcode": "M_FORBIDDEN", "error": "Not in room"})
     if path.startswith("/_bench/"):
         return _control(method, path, body)
+    query = urllib.parse.parse_qs(raw_query)
+    if path == WHOAMI_PATH:
+        return _whoami(headers, query)
+    if path.startswith(ADMIN_PREFIX) and method == "GET":
+        return _admin(path, headers, query)
+    if path.startswith(ROOMS_PREFIX):
+        STATE.room_reads += 1
+        STATE.homeserver["client_rooms"] += 1
+        return _response(403, {"errcode": "M_FORBIDDEN", "error": "Not in room"})
+    STATE.homeserver["other"] += 1
     return _response(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"})
 
 

@@ -129,7 +129,8 @@ class Database:
         with self.connect(autocommit=True) as conn:
             conn.execute(
                 "TRUNCATE pending_fetches, user_directory, room_members, rooms, destinations,"
-                " appservice_transactions"
+                " appservice_transactions, event_inbox, counters, bootstrap_users,"
+                " bootstrap_rooms, bootstrap_runs"
             )
 
     def drop(self) -> None:
@@ -242,6 +243,10 @@ class Fake:
             "/_bench/config",
             content=json.dumps({"latency_ms": latency_ms, "max_concurrent": max_concurrent}),
         ).raise_for_status()
+
+    def set_rooms(self, spec: dict[str, int]) -> None:
+        """The generated homeserver the admin API serves (bench/roomset.py)."""
+        self.http.post("/_bench/rooms", content=json.dumps(spec)).raise_for_status()
 
     def set_versions(self, versions: dict[str, int]) -> None:
         self.http.post("/_bench/profiles", content=json.dumps(versions)).raise_for_status()

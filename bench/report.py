@@ -61,7 +61,7 @@ def effective_settings(ctx: Context) -> dict[str, Any]:
     """The service settings its processes run with (secrets left out)."""
     settings = Settings.from_env(ctx.env)
     values = dataclasses.asdict(settings)
-    for secret in ("as_token", "hs_token"):
+    for secret in ("as_token", "hs_token", "admin_token"):
         values[secret] = "(set)"
     return values
 
@@ -112,6 +112,38 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "pass": None,
                 }
             )
+    if "bootstrap" in b:
+        bs = b["bootstrap"]
+        load, live = bs["bootstrap"], bs["live"]
+        failed = [name for name, ok in bs["checks"]["ok"].items() if not ok]
+        rows.append(
+            {
+                "name": "bootstrap memberships/s ÷ live applied events/s",
+                "measured": f"{_fmt(bs['memberships_per_second'], 0)} memberships/s"
+                f" ({_fmt(bs['rooms'])} rooms x {bs['members_per_room']} in"
+                f" {_fmt(load['seconds'], 1)} s) vs {_fmt(bs['live_events_per_second'], 0)}"
+                f" events/s ({_fmt(live['events'])} joins)"
+                + (f"; checks failed: {', '.join(failed)}" if failed else ""),
+                "value": bs["ratio"],
+                "target": "≥ 0.5",
+                "goal": ("min", bs["target"]),
+                "pass": bs["pass"],
+            }
+        )
+        requests = load["homeserver_requests"]
+        pages, reads = requests.get("admin_rooms", 0), requests.get("admin_state", 0)
+        rows.append(
+            {
+                "name": "bootstrap: homeserver requests per room",
+                "measured": f"{_fmt(requests['total'])} requests for {_fmt(bs['rooms'])} rooms"
+                f" ({_fmt(pages)} list pages, {_fmt(reads)} state reads,"
+                f" {_fmt(requests['total'] - pages - reads)} other)",
+                "value": bs["requests_per_room"],
+                "target": "≤ 3",
+                "goal": ("max", bs["requests_target"]),
+                "pass": bs["requests_pass"],
+            }
+        )
     if "dedup" in b:
         for case in b["dedup"]["cases"]:
             rows.append(
