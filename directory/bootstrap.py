@@ -58,7 +58,7 @@ LIST_PAGE_SIZE = 100
 USERS_PER_ROUND = 50
 # Rooms a loader claims at once; each claim hides them from other loaders this long
 # (a loader that dies leaves them due again after it).
-CLAIM_SIZE = 5
+CLAIM_SIZE = 10
 ROOM_LEASE_MS = 120_000
 # A room whose read keeps failing (5xx for it alone) is given up after this many
 # attempts, waiting 5 s x 4^n between them; running the bootstrap again retries it.
@@ -251,9 +251,10 @@ def load_step(
     wake: Callable[[], object],
     keep_alive: Callable[[], object] = lambda: None,
 ) -> StepResult:
-    """Read due rooms of the run for `budget_s` at most, queueing each snapshot in the
-    inbox and calling `wake` (the consumer) after each claim's rooms; `keep_alive` is
-    called between rooms (the loader extends its slot)."""
+    """Read due rooms of the run for `budget_s` at most, a claim of CLAIM_SIZE rooms at
+    a time: their snapshots are queued in the inbox together, in one transaction, and
+    `wake` (the consumer) is called once per claim; `keep_alive` is called between
+    rooms (the loader extends its slot)."""
     deadline = time.monotonic() + budget_s
     read = 0
     while time.monotonic() < deadline:
@@ -263,76 +264,95 @@ def load_step(
             if run is None or run.finished_at_ms is not None:
                 return StepResult(done=read, finished=True)
             claimed = store.claim_rooms(conn, run_id, now, now + ROOM_LEASE_MS, CLAIM_SIZE)
+            # Noted before the reads: events applied after make a snapshot stale.
+            read_after = room_store.member_event_counters(conn, [r.room_id for r in claimed])
         if not claimed:
             with engine.begin() as conn:
                 store.finish_if_done(conn, run_id, now_ms())
             return StepResult(done=read, finished=True)
-        waiting_since_error = run.last_error is not None
-        for index, room in enumerate(claimed):
-            keep_alive()
-            try:
-                if _load_room(engine, client, run_id, room):
-                    read += 1
-                    wake()
-                if waiting_since_error:
-                    # The homeserver answers again: the run no longer waits for it.
-                    with engine.begin() as conn:
-                        store.record_error(conn, run_id, None, now_ms())
-                    waiting_since_error = False
-            except (HomeserverRefused, HomeserverDown, RateLimited) as exc:
-                # Ours, not the room's: every claimed room waits, none is charged.
-                wait_s = _wait_for_homeserver(engine, run_id, exc)
-                with engine.begin() as conn:
-                    store.postpone_rooms(
-                        conn,
-                        run_id,
-                        [r.room_id for r in claimed[index:]],
-                        now_ms() + int(wait_s * 1000),
-                        str(exc)[:500],
-                    )
-                return StepResult(done=read, retry_in=wait_s)
+        claim = _read_claim(client, run_id, claimed, read_after, keep_alive)
+        wait_s = (
+            None
+            if claim.stopped_by is None
+            else _wait_for_homeserver(engine, run_id, claim.stopped_by)
+        )
+        with engine.begin() as conn:
+            accept_snapshots(conn, claim.items)
+            store.rooms_read(conn, run_id, [item.room_id for item in claim.items], now_ms())
+            for room, error in claim.failed:
+                attempts = room.attempts + 1
+                retry_at = None
+                if isinstance(error, HomeserverUnavailable) and attempts < MAX_ROOM_ATTEMPTS:
+                    retry_at = now_ms() + ROOM_RETRY_BASE_MS * 4 ** (attempts - 1)
+                store.room_attempt_failed(
+                    conn, run_id, room.room_id, attempts, retry_at, str(error), now_ms()
+                )
+            if claim.failed:
+                store.finish_if_done(conn, run_id, now_ms())
+            if claim.untried:
+                # Ours, not the rooms': they wait, none is charged.
+                store.postpone_rooms(
+                    conn,
+                    run_id,
+                    [room.room_id for room in claim.untried],
+                    now_ms() + int((wait_s or 0) * 1000),
+                    str(claim.stopped_by)[:500],
+                )
+            elif claim.items and run.last_error is not None:
+                # The homeserver answers again: the run no longer waits for it.
+                store.record_error(conn, run_id, None, now_ms())
+        if claim.items:
+            read += len(claim.items)
+            wake()
+        if wait_s is not None:
+            return StepResult(done=read, retry_in=wait_s)
     return StepResult(done=read)
 
 
-def _load_room(
-    engine: Engine, client: HomeserverClient, run_id: int, room: store.RoomToRead
-) -> int:
-    """Read one room and queue its snapshot; 1 if it was read."""
-    with engine.connect() as conn:
-        read_after = room_store.member_events(conn, room.room_id)
-    try:
-        if room.read_as is None:
-            snapshot = client.admin_room_state(room.room_id)
-        else:
-            snapshot = client.room_state(room.room_id, room.read_as)
-    except (RoomUnreadable, HomeserverUnavailable) as exc:
-        if isinstance(exc, HomeserverDown):
-            raise
-        attempts = room.attempts + 1
-        retry_at = None
-        if isinstance(exc, HomeserverUnavailable) and attempts < MAX_ROOM_ATTEMPTS:
-            retry_at = now_ms() + ROOM_RETRY_BASE_MS * 4 ** (attempts - 1)
-        with engine.begin() as conn:
-            store.room_attempt_failed(
-                conn, run_id, room.room_id, attempts, retry_at, str(exc), now_ms()
+@dataclass
+class _Claim:
+    items: list[SnapshotItem]
+    failed: list[tuple[store.RoomToRead, HomeserverError]]
+    # Not read because our homeserver stopped answering (stopped_by says how).
+    untried: list[store.RoomToRead]
+    stopped_by: HomeserverError | None
+
+
+def _read_claim(
+    client: HomeserverClient,
+    run_id: int,
+    claimed: list[store.RoomToRead],
+    read_after: dict[str, int],
+    keep_alive: Callable[[], object],
+) -> _Claim:
+    claim = _Claim([], [], [], None)
+    for index, room in enumerate(claimed):
+        keep_alive()
+        try:
+            if room.read_as is None:
+                snapshot = client.admin_room_state(room.room_id)
+            else:
+                snapshot = client.room_state(room.room_id, room.read_as)
+        except (HomeserverRefused, HomeserverDown, RateLimited) as exc:
+            claim.untried, claim.stopped_by = claimed[index:], exc
+            return claim
+        except (RoomUnreadable, HomeserverUnavailable) as exc:
+            logger.info("bootstrap: could not read %s (%s)", room.room_id, exc)
+            claim.failed.append((room, exc))
+            continue
+        claim.items.append(
+            SnapshotItem(
+                room.room_id, BOOTSTRAP, read_after.get(room.room_id), snapshot, run_id=run_id
             )
-            store.finish_if_done(conn, run_id, now_ms())
-        logger.info("bootstrap: could not read %s (%s)", room.room_id, exc)
-        return 0
-    item = SnapshotItem(room.room_id, BOOTSTRAP, read_after, snapshot, run_id=run_id)
-    with engine.begin() as conn:
-        accept_snapshots(conn, [item])
-        store.rooms_read(conn, run_id, [room.room_id], now_ms())
-    return 1
+        )
+    return claim
 
 
 def _wait_for_homeserver(engine: Engine, run_id: int, exc: HomeserverError) -> float:
     """Record why the run waits (the CLI and --status show it); seconds to wait."""
-    wait_s = HOMESERVER_RETRY_MS / 1000
     if isinstance(exc, RateLimited):
-        wait_s = max(exc.retry_after, 0.1)
-    else:
-        logger.warning("bootstrap run %d waits for our homeserver: %s", run_id, exc)
-        with engine.begin() as conn:
-            store.record_error(conn, run_id, str(exc)[:500], now_ms())
-    return wait_s
+        return max(exc.retry_after, 0.1)
+    logger.warning("bootstrap run %d waits for our homeserver: %s", run_id, exc)
+    with engine.begin() as conn:
+        store.record_error(conn, run_id, str(exc)[:500], now_ms())
+    return HOMESERVER_RETRY_MS / 1000

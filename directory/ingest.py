@@ -51,6 +51,8 @@ class Applied:
     outcome: BatchOutcome
     # Accepted transactions are still waiting: call again.
     more: bool
+    # Another consumer was applying (only when not waiting for it): nothing was done.
+    busy: bool = False
 
 
 def accept_transaction(engine: Engine, events: Sequence[object], txn_id: str | None = None) -> bool:
@@ -71,8 +73,11 @@ def accept_transaction(engine: Engine, events: Sequence[object], txn_id: str | N
     return True
 
 
-def apply_accepted(engine: Engine, settings: Settings, publish: Publisher) -> Applied:
+def apply_accepted(
+    engine: Engine, settings: Settings, publish: Publisher, *, wait: bool = True
+) -> Applied:
     """Apply the oldest accepted transactions, up to settings.ingest_batch_events.
+    `wait`: for another consumer to finish; without it, a busy consumer returns at once.
 
     If the database is away (OperationalError: also deadlocks and serialization
     failures) the batch rolls back and waits in the inbox for the caller to try again.
@@ -80,12 +85,12 @@ def apply_accepted(engine: Engine, settings: Settings, publish: Publisher) -> Ap
     event by event, and the events that fail alone are logged and skipped, so one
     event we cannot apply never holds every later transaction in the inbox."""
     try:
-        applied = _apply(engine, settings, isolate_failures=False)
+        applied = _apply(engine, settings, isolate_failures=False, wait=wait)
     except OperationalError:
         raise
     except Exception:
         logger.exception("applying a batch failed; applying its events one at a time")
-        applied = _apply(engine, settings, isolate_failures=True)
+        applied = _apply(engine, settings, isolate_failures=True, wait=wait)
     if applied.transactions:
         publish(applied.outcome)
     return applied
@@ -100,9 +105,12 @@ def accept_snapshots(conn: Connection, items: Sequence[SnapshotItem]) -> None:
         inbox.append(conn, jsoncodec.pack(item.to_payload()), item.size, now, kind=inbox.SNAPSHOT)
 
 
-def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool) -> Applied:
+def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool, wait: bool) -> Applied:
     with engine.begin() as conn:
-        inbox.lock_consumer(conn)
+        if wait:
+            inbox.lock_consumer(conn)
+        elif not inbox.try_lock_consumer(conn):
+            return Applied(0, BatchOutcome(), False, busy=True)
         taken = inbox.take(conn, settings.ingest_batch_events)
         if not taken.items:
             return Applied(0, BatchOutcome(), False)
@@ -202,7 +210,7 @@ def _apply_snapshots_one_by_one(
                     f"could not be applied: {type(exc).__name__}: {exc}",
                     now,
                 )
-                outcome.bootstrap_runs.add(item.run_id)
+                bootstrap_store.finish_if_done(conn, item.run_id, now)
     return outcome
 
 

@@ -55,7 +55,7 @@ class BatchOutcome:
     # Room snapshots refused as stale (directory/snapshots.py): (room_id, purpose,
     # attempt) to read again.
     snapshots_to_retry: list[tuple[str, str, int]] = field(default_factory=list)
-    # Bootstrap runs whose rooms this batch loaded or sent back to be read again.
+    # Bootstrap runs with rooms this batch sent back to be read again.
     bootstrap_runs: set[int] = field(default_factory=set)
     created: int = 0
     deleted: int = 0

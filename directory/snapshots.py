@@ -241,7 +241,6 @@ def _apply_group(
     for run_id, members in loaded.items():
         bootstrap_store.rooms_loaded(conn, run_id, members, now_ms)
         bootstrap_store.finish_if_done(conn, run_id, now_ms)
-        outcome.bootstrap_runs.add(run_id)
     return outcome
 
 

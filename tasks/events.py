@@ -17,6 +17,7 @@ from directory.snapshots import BACKFILL
 from tasks.app import app
 from tasks.outbox import (
     backfill_started,
+    inbox_consumer_busy,
     inbox_consumer_started,
     mark_backfill_queued,
     publish_outcome,
@@ -89,7 +90,14 @@ def apply_inbox(self: Task) -> int:
     applied = 0
     try:
         while True:
-            run = apply_accepted(resources.engine, resources.settings, publish_outcome)
+            run = apply_accepted(resources.engine, resources.settings, publish_outcome, wait=False)
+            if run.busy:
+                # Another consumer is applying: rather than hold a thread and a
+                # connection waiting for its lock, look again shortly (once, whatever
+                # the number of wake-ups meanwhile), in case it has already taken
+                # its last batch.
+                inbox_consumer_busy()
+                return applied
             applied += run.transactions
             if not run.more:
                 return applied

@@ -31,6 +31,9 @@ BOOTSTRAP_LOAD_TASK = "tasks.bootstrap.load_rooms"
 # Set while an inbox consumer task is queued and not started: accepted transactions
 # need one consumer run after them, not one each.
 INBOX_WAKE_KEY = "ud:inbox:wake"
+# Set while a consumer run is queued to look again after finding another applying.
+INBOX_RETRY_KEY = "ud:inbox:retry"
+INBOX_RETRY_DELAY_MS = 500
 # How long a "tasks already queued for this destination" mark lives without a run
 # clearing it: after this, reconciliation may publish again (the runs were lost).
 QUEUED_MARK_TTL_MS = 30_000
@@ -267,6 +270,19 @@ def wake_inbox_consumer(*, force: bool = False) -> None:
             app.send_task(INBOX_TASK, queue=EVENTS_QUEUE)
     except Exception:
         logger.warning("could not wake the inbox consumer; reconciliation will", exc_info=True)
+
+
+def inbox_consumer_busy() -> None:
+    """A consumer run found another applying: queue one more run a moment later, unless
+    one is queued for that already."""
+    resources = get_resources()
+    try:
+        if resources.redis.set(INBOX_RETRY_KEY, 1, nx=True, px=INBOX_RETRY_DELAY_MS):
+            app.send_task(INBOX_TASK, queue=EVENTS_QUEUE, countdown=INBOX_RETRY_DELAY_MS / 1000)
+    except Exception:
+        logger.warning(
+            "could not queue the inbox consumer again; reconciliation will", exc_info=True
+        )
 
 
 def inbox_consumer_started() -> None:

@@ -186,9 +186,11 @@ def claim_rooms(
     )
     if conn.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True)
+    # A CTE runs once (see pending.claim): the claim never takes more than `limit`.
+    taken = due.cte("taken")
     rows = conn.execute(
         update(bootstrap_rooms)
-        .where(r.run_id == run_id, r.room_id.in_(due.scalar_subquery()))
+        .where(r.run_id == run_id, r.room_id == taken.c.room_id)
         .values(next_attempt_ms=lease_until_ms)
         .returning(r.room_id, r.read_as, r.attempts)
     )

@@ -91,6 +91,16 @@ def lock_consumer(conn: Connection) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CONSUMER_LOCK_KEY})
 
 
+def try_lock_consumer(conn: Connection) -> bool:
+    """lock_consumer without waiting: False if another consumer is applying."""
+    if not is_postgresql(conn):
+        lock_consumer(conn)
+        return True
+    return bool(
+        conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": CONSUMER_LOCK_KEY})
+    )
+
+
 def take(conn: Connection, max_events: int) -> Taken:
     """The oldest transactions, as many as fit in `max_events` (at least one)."""
     t = event_inbox.c

@@ -106,9 +106,12 @@ def claim(
     if is_postgresql(conn):
         # Two workers claiming at once take different rows instead of queueing.
         due = due.with_for_update(skip_locked=True)
+    # A CTE runs once: inside an IN (...) the planner may re-run the limited subquery
+    # for every candidate row, and the claim then takes far more than `limit`.
+    taken = due.cte("taken")
     rows = conn.execute(
         update(pending_fetches)
-        .where(p.user_id.in_(due.scalar_subquery()))
+        .where(p.user_id == taken.c.user_id)
         .values(next_attempt_ms=lease_until_ms)
         .returning(p.user_id, p.server_name, p.generation, p.attempts)
     )
