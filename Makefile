@@ -11,7 +11,7 @@ include .env
 export
 endif
 
-.PHONY: install run server worker beat flower migrate redis registration bootstrap bench test test-postgresql test-sqlite lint clean
+.PHONY: install run server worker beat flower migrate redis registration bootstrap bench test test-postgresql test-sqlite soak lint clean
 
 install: $(STAMP)
 
@@ -74,10 +74,16 @@ test: install
 	fi
 
 test-postgresql: install
-	DIRECTORY_TEST_DB=postgresql $(PY) -m pytest -q $(PYTEST_ARGS)
+	DIRECTORY_TEST_DB=postgresql $(PY) -m pytest -q -m "not soak" $(PYTEST_ARGS)
 
 test-sqlite: install
-	DIRECTORY_TEST_DB=sqlite $(PY) -m pytest -q $(PYTEST_ARGS)
+	DIRECTORY_TEST_DB=sqlite $(PY) -m pytest -q -m "not soak" $(PYTEST_ARGS)
+
+# The long fault runs (tests/faults/test_soak.py): real processes on a PostgreSQL and a
+# Redis of their own, killed and restarted mid-run. CI runs it after `make test`.
+soak: install
+	@command -v redis-server >/dev/null || PYTHON=$(PY) scripts/ensure-redis
+	DIRECTORY_TEST_DB=postgresql $(PY) -m pytest -q -s -m soak $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

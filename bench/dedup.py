@@ -8,6 +8,12 @@ first-sight fetches are allowed to finish, then the fake homeserver starts answe
 the new names, the counters are zeroed, and the echoes are sent. Once the pipeline is
 quiet (nothing pending, no request for a few seconds, beat's reconciliation included)
 the fake's per-user request counts are the answer. Target: exactly 1.00.
+
+A third user joins every room with a name its public profile never returns (a bridge's
+puppet with the same per-room name in every portal room): the requests for it, first
+sight included, must stay at most 2 however many rooms echo the value. And every room
+is made visible by its local member's join, which queues one read of the room: the
+reads per room joined (the fake counts them) must be exactly 1.00.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     rooms = [f"!dedup{i:05d}:{LOCAL_SERVER}" for i in range(sizes.dedup_rooms)]
     solo = "@renamer:solo.example"
+    puppet = "@puppet:bridge.example"
     group = [f"@member{k:02d}:group{k % 5}.example" for k in range(sizes.dedup_users)]
     group_rooms = rooms[: sizes.dedup_user_rooms]
 
@@ -41,11 +48,14 @@ def run(ctx: Context) -> dict[str, Any]:
     ]
     joins = [_join(room, solo, 0) for room in rooms]
     joins += [_join(room, user, 0) for user in group for room in group_rooms]
+    # Never what its profile says: the per-room name a bridge gives its puppet.
+    joins += [member_event(room, puppet, "join", "Puppet [bridged]", None) for room in rooms]
     started = time.monotonic()
     with ctx.http() as client:
         ctx.send_transactions(client, transactions(setup + joins, sizes.txn_events), "dedup-join")
         ctx.wait_quiet(timeout=300, quiet_seconds=QUIET_SECONDS)
-        first_sight = ctx.fake.stats()["by_user"]
+        joined = ctx.fake.stats()
+        first_sight = joined["by_user"]
 
         # The global renames: the fake answers the new names from now on.
         ctx.fake.set_versions({user: 1 for user in [solo, *group]})
@@ -76,13 +86,27 @@ def run(ctx: Context) -> dict[str, Any]:
             len(group) * len(group_rooms),
         ),
     ]
+    puppet_requests = first_sight.get(puppet, 0) + by_user.get(puppet, 0)
+    room_reads = joined["room_reads"]
     return {
         "cases": cases,
+        "mismatch": {
+            "name": f"1 user x {len(rooms)} rooms, a value the profile never returns",
+            "echo_events": len(rooms),
+            "requests": puppet_requests,
+            "pass": puppet_requests <= 2,
+        },
+        "room_reads": {
+            "rooms_joined": len(rooms),
+            "reads": room_reads,
+            "reads_per_room": room_reads / len(rooms),
+            "pass": room_reads == len(rooms),
+        },
         "first_sight_requests_per_user": sum(first_sight.get(u, 0) for u in [solo, *group])
         / (1 + len(group)),
         "entries_not_showing_new_name": len(wrong),
         "seconds": time.monotonic() - started,
-        "pass": all(c["pass"] for c in cases) and not wrong,
+        "pass": all(c["pass"] for c in cases) and not wrong and puppet_requests <= 2,
     }
 
 

@@ -156,6 +156,32 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "pass": case["pass"],
                 }
             )
+        mismatch = b["dedup"].get("mismatch")
+        if mismatch:
+            rows.append(
+                {
+                    "name": f"dedup: requests, {mismatch['name']}",
+                    "measured": f"{mismatch['requests']} requests for"
+                    f" {_fmt(mismatch['echo_events'])} echoes",
+                    "value": float(mismatch["requests"]),
+                    "target": "≤ 2",
+                    "goal": ("max", 2.0),
+                    "pass": mismatch["pass"],
+                }
+            )
+        reads = b["dedup"].get("room_reads")
+        if reads:
+            rows.append(
+                {
+                    "name": "room reads (backfill tasks) per room joined",
+                    "measured": f"{_fmt(reads['reads'])} reads for"
+                    f" {_fmt(reads['rooms_joined'])} rooms joined",
+                    "value": reads["reads_per_room"],
+                    "target": "= 1.00",
+                    "goal": ("exact", 1.0),
+                    "pass": reads["pass"],
+                }
+            )
     if "convergence" in b:
         c = b["convergence"]
         for r in c["runs"]:

@@ -72,10 +72,10 @@ class Settings:
     destination_backoff_max_seconds: float = 3600.0
     # Users claimed from the pending table per round trip by one fetch task.
     fetch_batch_size: int = 25
-    # How long a claim hides a pending row from other workers. A worker that dies
-    # mid-fetch leaves its rows due again after this; it must exceed one request's
-    # worst case (timeouts times quick retries).
-    fetch_lease_seconds: float = 120.0
+    # How long a claim hides a pending row from other workers. A live run renews its
+    # claims (and its slot) every third of this, however long a request takes, so a
+    # worker that dies mid-fetch leaves its rows due again within it.
+    fetch_lease_seconds: float = 20.0
     # A fetch task stops claiming after this long and re-queues itself, so one task
     # never holds a worker (or the broker's visibility window) for long.
     fetch_task_budget_seconds: float = 60.0

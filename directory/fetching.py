@@ -16,7 +16,9 @@ destination off and end the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ from typing import Any, TypeVar
 
 import redis
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from directory.clock import now_ms
 from directory.config import Settings
@@ -56,9 +58,14 @@ MAX_UNCOMMITTED_GROUPS = 2
 # A group's transaction chosen as a deadlock victim is tried again this many times in all.
 APPLY_ATTEMPTS = 3
 LOCK_CONFLICT_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
-# The run's semaphore slot is extended at most this often (and at least three times per
-# TTL): often enough that a live run never loses it.
+# What a run holds (its slot, its claims' leases, their locks) is renewed this often at
+# most (and at least three times per FETCH_LEASE_SECONDS): a live run never loses it.
 SLOT_EXTEND_INTERVAL_S = 10.0
+# A group whose commit failed because the database went away is committed again for
+# up to this long (its answers are not fetched again), waiting 0.5 s doubling to 4 s.
+COMMIT_RETRY_SECONDS = 60.0
+COMMIT_RETRY_FIRST_DELAY_S = 0.5
+COMMIT_RETRY_MAX_DELAY_S = 4.0
 # Our own homeserver did not serve a request (down, or refusing AS_TOKEN): the run
 # stops and its users wait this long, with no attempt counted against anyone.
 HOMESERVER_RETRY_DELAY_MS = 5_000
@@ -79,6 +86,8 @@ class GroupOutcome:
     what: dict[str, str] = field(default_factory=dict)
     # Destinations a TRANSIENT failure in the group backed off.
     backed_off: set[str] = field(default_factory=set)
+    # Destinations that were backed off and answered again.
+    came_back: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -119,8 +128,12 @@ def _shown_profile(result: FetchResult) -> ProfileValue:
 
 
 def _apply_answers(
-    conn: Connection, answered: Sequence[tuple[Claim, FetchResult]], settings: Settings, now: int
-) -> dict[str, str]:
+    conn: Connection,
+    answered: Sequence[tuple[Claim, FetchResult]],
+    settings: Settings,
+    now: int,
+    outcome: GroupOutcome,
+) -> None:
     """Store OK/404/403 answers, set-based; per user, "applied" or "discarded".
 
     An answer is applied only to an entry that exists (the user may have left) and
@@ -154,7 +167,7 @@ def _apply_answers(
         if result.outcome is not Outcome.OK or latest.get(claim.user_id) != claim.generation:
             continue
         state = targets[claim.user_id].seen
-        new_state, again = after_fetch(state, profiles[claim.user_id][0])
+        new_state, again = after_fetch(state, profiles[claim.user_id][0], now)
         if new_state != state:
             changed[claim.user_id] = new_state
         if again:
@@ -167,13 +180,16 @@ def _apply_answers(
     for server in sorted({claim.server_name for claim, _ in answered}):
         before = destinations.record_success(conn, server, now)
         if before.retry_after_ms is not None:
-            revived = pending.revive_given_up(conn, server, now)
+            revived = pending.revive_destination(conn, server, now)
             logger.info("destination %s is back; %d users revived", server, revived)
+            outcome.came_back.add(server)
     applied = {claim.user_id for claim, _ in fresh}
-    return {
-        claim.user_id: "applied" if claim.user_id in applied else "discarded"
-        for claim, _ in answered
-    }
+    outcome.what.update(
+        {
+            claim.user_id: "applied" if claim.user_id in applied else "discarded"
+            for claim, _ in answered
+        }
+    )
 
 
 def _postpone_rate_limited(
@@ -190,10 +206,10 @@ def _record_destination_failure(
     conn: Connection, server: str, error: str, settings: Settings, now: int
 ) -> bool:
     """Count a transient failure against the whole server; True if it is now backed off."""
-    failures = destinations.health(conn, server).consecutive_failures + 1
-    retry_at = destination_retry_at(settings, failures, now)
-    destinations.record_failure(conn, server, now, error, retry_at)
-    return retry_at is not None
+    until = destinations.record_failure(
+        conn, server, now, error, lambda failures: destination_retry_at(settings, failures, now)
+    )
+    return until is not None
 
 
 def apply_results(
@@ -211,7 +227,7 @@ def apply_results(
     limited = [(c, r) for c, r in results if r.outcome is Outcome.RATE_LIMITED]
     failed = [(c, r) for c, r in results if r.outcome not in (*ANSWERS, Outcome.RATE_LIMITED)]
     if answered:
-        outcome.what.update(_apply_answers(conn, answered, settings, now))
+        _apply_answers(conn, answered, settings, now, outcome)
     if limited:
         _postpone_rate_limited(conn, limited, now)
         outcome.what.update({claim.user_id: "rate_limited" for claim, _ in limited})
@@ -236,20 +252,68 @@ def apply_results(
     return outcome
 
 
-class _SlotKeeper:
-    """Extends the run's semaphore slot now and then, not after every fetch: its TTL
-    only has to outlive a crashed holder, and a round trip per fetch is what made runs
-    slow."""
+class _Keeper:
+    """Keeps what a live run holds: its semaphore slot, the leases of the users it has
+    claimed and not finished, and their per-user locks. A thread of its own renews
+    them every third of FETCH_LEASE_SECONDS, however long a request takes; a run that
+    dies stops renewing, and everything it held comes back within the lease.
 
-    def __init__(self, slot: Semaphore, ttl_ms: int) -> None:
+    Claims leave the held set before their outcome is written (a commit, a give-back)
+    and under the same mutex as a renewal, so a renewal never overwrites a retry time
+    or a give-back's delay."""
+
+    def __init__(self, engine: Engine, slot: Semaphore, lease_ms: int) -> None:
+        self.engine = engine
         self.slot = slot
-        self.interval = min(SLOT_EXTEND_INTERVAL_S, ttl_ms / 1000 / 3)
-        self.next_at = time.monotonic() + self.interval
+        self.lease_ms = lease_ms
+        self.interval = min(SLOT_EXTEND_INTERVAL_S, lease_ms / 1000 / 3)
+        self.mutex = threading.Lock()
+        self.held: dict[str, Claim] = {}
+        self.locks: list[LockSet] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fetch-keeper", daemon=True)
+        self._thread.start()
 
-    def keep(self) -> None:
-        if time.monotonic() >= self.next_at:
+    def hold(self, claims: Sequence[Claim]) -> None:
+        with self.mutex:
+            self.held.update((claim.user_id, claim) for claim in claims)
+
+    def let_go(self, claims: Sequence[Claim]) -> None:
+        with self.mutex:
+            for claim in claims:
+                if self.held.get(claim.user_id) == claim:
+                    del self.held[claim.user_id]
+
+    def holding(self) -> list[Claim]:
+        with self.mutex:
+            return list(self.held.values())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.renew()
+
+    def renew(self) -> None:
+        # Each part on its own: Redis or the database being away (and back) must not
+        # keep the other from being renewed.
+        try:
             self.slot.extend()
-            self.next_at = time.monotonic() + self.interval
+            for locks in list(self.locks):
+                locks.extend()
+        except redis.RedisError:
+            logger.debug("could not renew a run's slot or locks", exc_info=True)
+        with self.mutex:
+            claims = list(self.held.values())
+            if not claims:
+                return
+            try:
+                with self.engine.begin() as conn:
+                    pending.extend_leases(conn, claims, now_ms() + self.lease_ms)
+            except DBAPIError:
+                logger.debug("could not renew a run's leases", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class _Committer:
@@ -283,7 +347,7 @@ class _Committer:
 class _Turn:
     """What one run carries from batch to batch."""
 
-    keeper: _SlotKeeper
+    keeper: _Keeper
     committer: _Committer
     deadline: float
     report: RunReport
@@ -298,12 +362,16 @@ class DestinationRun:
         redis_client: redis.Redis,
         client: ProfileClient,
         settings: Settings,
+        on_back: Callable[[str], object] = lambda _server: None,
     ) -> None:
         self.engine = engine
         self.redis = redis_client
         self.client = client
         self.settings = settings
         self.lease_ms = int(settings.fetch_lease_seconds * 1000)
+        # Called (from the committer's thread) when a backed-off destination answers
+        # again: its other slots' runs were stopped by the backoff and must start again.
+        self.on_back = on_back
 
     def run(self, server_name: str) -> RunReport:
         report = RunReport()
@@ -317,7 +385,7 @@ class DestinationRun:
             return report
         report.acquired_slot = True
         turn = _Turn(
-            keeper=_SlotKeeper(slot, self.lease_ms),
+            keeper=_Keeper(self.engine, slot, self.lease_ms),
             committer=_Committer(),
             deadline=time.monotonic() + self.settings.fetch_task_budget_seconds,
             report=report,
@@ -327,43 +395,62 @@ class DestinationRun:
                 claims = self._claim(server_name, report)
                 if not claims:
                     break
+                turn.keeper.hold(claims)
                 if self._work_through(claims, turn):
                     break
         finally:
             # Every result is committed before the run reports (and the task looks
-            # at what is still due).
+            # at what is still due); whatever the run still holds unfetched, because
+            # it failed (Redis or the database away), is handed back at once.
             try:
                 turn.committer.wait()
             finally:
                 turn.committer.close()
-                slot.release()
+                turn.keeper.close()
+                self._hand_back(turn.keeper.holding())
+                with contextlib.suppress(redis.RedisError):
+                    slot.release()
         return report
 
     def _claim(self, server_name: str, report: RunReport) -> list[Claim]:
         now = now_ms()
+        limit = self.settings.fetch_batch_size
         with self.engine.begin() as conn:
             retry_after = destinations.health(conn, server_name).retry_after_ms
-            if retry_after is not None and retry_after > now:
-                report.stopped_by_backoff = True
-                return []
-            return pending.claim(
-                conn, server_name, now, now + self.lease_ms, self.settings.fetch_batch_size
-            )
+            if retry_after is not None:
+                # Backed off: wait; once the backoff ends, one run asks for one user (a
+                # probe) while the others keep waiting, so a server that is still down
+                # costs one request per backoff and one more failure, not one per slot.
+                probing = retry_after <= now and destinations.take_probe(
+                    conn, server_name, now, now + self.lease_ms
+                )
+                if not probing:
+                    report.stopped_by_backoff = True
+                    return []
+                limit = 1
+            return pending.claim(conn, server_name, now, now + self.lease_ms, limit)
 
     def _work_through(self, claims: list[Claim], turn: _Turn) -> bool:
         """Fetch the claimed users whose lock we get; True if the run must stop."""
         locks = LockSet(self.redis, self.lease_ms)
+        turn.keeper.locks.append(locks)
         try:
             taken = locks.acquire([user_lock_key(claim.user_id) for claim in claims])
             busy = [claim for claim, ok in zip(claims, taken, strict=True) if not ok]
             # Another worker is fetching them: look again once it is likely done.
-            self._give_back(busy, now_ms() + LOCK_BUSY_DELAY_MS, None)
+            self._give_back(turn, busy, now_ms() + LOCK_BUSY_DELAY_MS, None)
             mine = [claim for claim, ok in zip(claims, taken, strict=True) if ok]
             return self._fetch_all(mine, turn)
         finally:
             # Queued after the batch's commits, so nobody fetches a user again before
             # the database shows the answer.
-            turn.committer.submit(locks.release)
+            turn.committer.submit(self._release_locks, turn.keeper, locks)
+
+    @staticmethod
+    def _release_locks(keeper: _Keeper, locks: LockSet) -> None:
+        keeper.locks.remove(locks)
+        with contextlib.suppress(redis.RedisError):
+            locks.release()
 
     def _fetch_all(self, claims: list[Claim], turn: _Turn) -> bool:
         group: list[tuple[Claim, FetchResult]] = []
@@ -371,54 +458,79 @@ class DestinationRun:
         for index, claim in enumerate(claims):
             if time.monotonic() >= turn.deadline:
                 turn.report.out_of_time = True
-                turn.committer.submit(self._commit, group, turn.report)
-                self._give_back(claims[index:], now_ms(), "run out of time")
+                turn.committer.submit(self._commit, group, turn)
+                self._give_back(turn, claims[index:], now_ms(), "run out of time")
                 return True
             if not group:
                 group_started = time.monotonic()
             result = self.client.fetch(claim.user_id)
-            turn.keeper.keep()
             if result.outcome is Outcome.HOMESERVER:
                 # Nothing is known about this user or their server: no attempt is
                 # counted and nobody is backed off; everyone waits for our homeserver.
                 turn.report.homeserver_error = result.error
-                turn.committer.submit(self._commit, group, turn.report)
+                turn.committer.submit(self._commit, group, turn)
                 turn.committer.wait()
-                self._give_back(claims[index:], now_ms() + HOMESERVER_RETRY_DELAY_MS, result.error)
+                delay_until = now_ms() + HOMESERVER_RETRY_DELAY_MS
+                self._give_back(turn, claims[index:], delay_until, result.error)
                 return True
             group.append((claim, result))
             if result.outcome is Outcome.TRANSIENT:
                 # Committed before going on: it may back the destination off, and then
                 # the users not yet tried wait with it.
-                if turn.committer.submit(self._commit, group, turn.report).result():
+                if turn.committer.submit(self._commit, group, turn).result():
                     turn.report.stopped_by_backoff = True
-                    self._give_back(claims[index + 1 :], now_ms(), None)
+                    self._give_back(turn, claims[index + 1 :], now_ms(), None)
                     return True
                 group = []
             elif (
                 len(group) >= APPLY_GROUP_SIZE
                 or time.monotonic() - group_started >= APPLY_GROUP_SECONDS
             ):
-                turn.committer.submit(self._commit, group, turn.report)
+                turn.committer.submit(self._commit, group, turn)
                 group = []
-        turn.committer.submit(self._commit, group, turn.report)
+        turn.committer.submit(self._commit, group, turn)
         return False
 
-    def _commit(self, group: list[tuple[Claim, FetchResult]], report: RunReport) -> bool:
+    def _commit(self, group: list[tuple[Claim, FetchResult]], turn: _Turn) -> bool:
         """Commit the group's results (on the committer's thread); True if the
-        destination backed off."""
+        destination backed off.
+
+        Answers already fetched are worth keeping: if the database is away (a
+        restart), the commit is tried again until it succeeds or the wait would
+        outlast COMMIT_RETRY_SECONDS, rather than the users being fetched again."""
         if not group:
             return False
-        for attempt in range(1, APPLY_ATTEMPTS + 1):
+        claims = [claim for claim, _ in group]
+        give_up_at = time.monotonic() + COMMIT_RETRY_SECONDS
+        delay = COMMIT_RETRY_FIRST_DELAY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            # Out of the held set while its outcome is written: the keeper must not
+            # renew a lease the commit is replacing with a retry time.
+            turn.keeper.let_go(claims)
             try:
                 with self.engine.begin() as conn:
                     outcome = apply_results(conn, group, self.settings, now_ms())
                 break
             except DBAPIError as exc:
-                # Another transaction locked the same rows in another order; the
-                # database chose us to give way. Nothing was written: try again.
-                if attempt == APPLY_ATTEMPTS or not _is_lock_conflict(exc):
+                turn.keeper.hold(claims)
+                if _is_lock_conflict(exc) and attempt < APPLY_ATTEMPTS:
+                    # Another transaction locked the same rows in another order; the
+                    # database chose us to give way. Nothing was written: try again.
+                    continue
+                if not exc.connection_invalidated and not isinstance(exc, OperationalError):
                     raise
+                if time.monotonic() + delay > give_up_at:
+                    raise
+                logger.warning(
+                    "committing fetched profiles failed (%s); again in %.1f s", exc, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, COMMIT_RETRY_MAX_DELAY_S)
+        for server in outcome.came_back:
+            self.on_back(server)
+        report = turn.report
         for what in outcome.what.values():
             if what == "applied":
                 report.applied += 1
@@ -428,10 +540,23 @@ class DestinationRun:
                 report.failed += 1
         return bool(outcome.backed_off)
 
-    def _give_back(self, claims: list[Claim], when: int, error: str | None) -> None:
+    def _give_back(self, turn: _Turn, claims: list[Claim], when: int, error: str | None) -> None:
         if claims:
+            turn.keeper.let_go(claims)
             with self.engine.begin() as conn:
                 pending.postpone(conn, claims, when, error)
+
+    def _hand_back(self, claims: list[Claim]) -> None:
+        """A failed run's unfetched claims, due again now. If the database is away,
+        their leases end them soon anyway."""
+        if not claims:
+            return
+        try:
+            with self.engine.begin() as conn:
+                pending.postpone(conn, claims, now_ms(), "the run that claimed it failed")
+            logger.warning("a failed fetch run handed back %d users", len(claims))
+        except DBAPIError:
+            logger.warning("a failed fetch run could not hand back %d users", len(claims))
 
 
 def _is_lock_conflict(exc: DBAPIError) -> bool:

@@ -41,6 +41,16 @@ for _, key in ipairs(KEYS) do
 end
 return released
 """
+# Compare-and-extend of many keys sharing one owner token.
+_EXTEND_MANY = """
+local extended = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[1] then
+    extended = extended + redis.call('pexpire', key, ARGV[2])
+  end
+end
+return extended
+"""
 _EXTEND_SLOT = """
 if redis.call('zscore', KEYS[1], ARGV[1]) then
   redis.call('zadd', KEYS[1], ARGV[2], ARGV[1])
@@ -96,6 +106,13 @@ class LockSet:
         keys = sorted(self.held)
         self.held.clear()
         return int(self.client.eval(_RELEASE_MANY, len(keys), *keys, self.token))
+
+    def extend(self) -> int:
+        """Renew every key we still own for another ttl; returns how many were."""
+        keys = sorted(self.held)
+        if not keys:
+            return 0
+        return int(self.client.eval(_EXTEND_MANY, len(keys), *keys, self.token, self.ttl_ms))
 
 
 class Semaphore:

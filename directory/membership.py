@@ -217,7 +217,7 @@ def reconcile_users(
     for user_id, room_id, value in join_observations:
         if user_id not in visible:
             continue
-        state, fetch = observe(states[user_id], room_id, value)
+        state, fetch = observe(states[user_id], room_id, value, now_ms)
         if state != states[user_id]:
             states[user_id] = state
             changed.add(user_id)

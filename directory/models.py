@@ -91,6 +91,9 @@ user_directory = Table(
     Column("seen_room_id", String(255)),
     Column("seen_elsewhere", Boolean, nullable=False, server_default=false()),
     Column("seen_per_room", Boolean, nullable=False, server_default=false()),
+    # Fetches that found the seen value per-room, and when the last answered (dedup).
+    Column("seen_checks", Integer, nullable=False, server_default="0"),
+    Column("seen_checked_at_ms", BigInteger),
     Column("created_at_ms", BigInteger, nullable=False),
     # The pending-fetch generation whose answer the entry shows: an older answer
     # arriving late (a fetch in flight across a leave and a rejoin) is not applied.

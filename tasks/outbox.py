@@ -248,15 +248,19 @@ def destination_drained(server_name: str) -> None:
     elif next_due is not None and next_due - now <= FOLLOW_UP_HORIZON_MS:
         # Short retries run on time instead of waiting for the next reconciliation;
         # longer ones are left to beat (no long countdowns in the broker).
-        try:
-            app.send_task(
-                FETCH_TASK,
-                args=(server_name,),
-                queue=FETCH_QUEUE,
-                countdown=max(0.0, (next_due - now) / 1000),
-            )
-        except Exception:
-            logger.warning("could not schedule a follow-up for %s", server_name, exc_info=True)
+        _schedule_fetch(server_name, (next_due - now) / 1000)
+
+
+def _schedule_fetch(server_name: str, in_seconds: float) -> int:
+    """One fetch run for the destination, in `in_seconds`."""
+    try:
+        app.send_task(
+            FETCH_TASK, args=(server_name,), queue=FETCH_QUEUE, countdown=max(0.0, in_seconds)
+        )
+        return 1
+    except Exception:
+        logger.warning("could not schedule a follow-up for %s", server_name, exc_info=True)
+        return 0
 
 
 def wake_inbox_consumer(*, force: bool = False) -> None:
@@ -301,6 +305,10 @@ def publish_due_work(*, force: bool = False) -> int:
     now = now_ms()
     with resources.engine.connect() as conn:
         due = dict(pending.due_by_server(conn, now))
+        # After a worker died, its claims come due when their leases end: a starting
+        # worker schedules a run for then rather than leave them to the next
+        # reconciliation.
+        coming = pending.coming_due_by_server(conn, now, now + FOLLOW_UP_HORIZON_MS)
         rooms = [room for room, _ in room_store.awaiting_backfill(conn, BACKFILLS_PER_RUN)]
         backlog = inbox.backlog(conn)
         run = bootstrap_store.active_run(conn)
@@ -308,6 +316,9 @@ def publish_due_work(*, force: bool = False) -> int:
     if backlog.transactions:
         wake_inbox_consumer(force=True)
     sent = publish_fetches(due, due, force=force) + publish_backfills(rooms, force=force)
+    if force:
+        for server, at in coming:
+            sent += _schedule_fetch(server, (at - now) / 1000)
     if run is not None:
         sent += publish_bootstrap(
             run.id,

@@ -142,16 +142,20 @@ def create_app(
         # Our homeserver too: without it (down, or refusing AS_TOKEN) no room can be
         # read and no profile fetched, and the reason is ours to fix.
         status: dict[str, str] = {"homeserver": await probe.status()}
-        try:
-            await run_in_threadpool(check_database)
-            status["database"] = "ok"
-        except Exception as exc:  # any failure is "not healthy", with its reason
-            status["database"] = f"error: {type(exc).__name__}"
-        try:
-            await redis_client.ping()
-            status["redis"] = "ok"
-        except Exception as exc:
-            status["redis"] = f"error: {type(exc).__name__}"
+        # Each check is tried twice: the first attempt after a restart of the database
+        # or Redis meets a pooled connection that died with it, which the pool then
+        # replaces; only a second failure is an outage.
+        for name, check in (
+            ("database", lambda: run_in_threadpool(check_database)),
+            ("redis", redis_client.ping),
+        ):
+            for _ in range(2):
+                try:
+                    await check()
+                    status[name] = "ok"
+                    break
+                except Exception as exc:  # any failure is "not healthy", with its reason
+                    status[name] = f"error: {type(exc).__name__}"
         healthy = all(v == "ok" for v in status.values())
         return JSONResponse(status, status_code=200 if healthy else 503)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, select, update
@@ -38,26 +39,55 @@ def record_success(conn: Connection, server_name: str, now_ms: int) -> Destinati
 
 
 def record_failure(
-    conn: Connection, server_name: str, now_ms: int, error: str, retry_after_ms: int | None
-) -> None:
+    conn: Connection,
+    server_name: str,
+    now_ms: int,
+    error: str,
+    retry_at: Callable[[int], int | None],
+) -> int | None:
+    """Count one more consecutive failure, atomically (parallel runs failing at once
+    each count theirs), and set the backoff `retry_at(failures)` for the new count.
+    Returns that backoff's end (None: not backed off)."""
     stmt = insert_for(conn, destinations)
-    conn.execute(
+    failures = conn.scalar(
         stmt.on_conflict_do_update(
             index_elements=["server_name"],
             set_={
                 "consecutive_failures": destinations.c.consecutive_failures + 1,
-                "retry_after_ms": stmt.excluded.retry_after_ms,
                 "last_failure_ms": now_ms,
                 "last_error": error,
             },
-        ),
+        ).returning(destinations.c.consecutive_failures),
         {
             "server_name": server_name,
             "consecutive_failures": 1,
-            "retry_after_ms": retry_after_ms,
             "last_failure_ms": now_ms,
             "last_error": error,
         },
+    )
+    # The row stays locked by the statement above until commit: no other failure can
+    # be counted between reading the new count and setting its backoff.
+    until = retry_at(int(failures))
+    conn.execute(
+        update(destinations).where(d.server_name == server_name).values(retry_after_ms=until)
+    )
+    return until
+
+
+def take_probe(conn: Connection, server_name: str, now_ms: int, until_ms: int) -> bool:
+    """The destination's backoff has ended: claim the one probe of it. True for the
+    caller that got it; the backoff is pushed to `until_ms` meanwhile, so every other
+    run keeps waiting for the probe's answer (which ends or renews the backoff)."""
+    return bool(
+        conn.execute(
+            update(destinations)
+            .where(
+                d.server_name == server_name,
+                d.retry_after_ms.is_not(None),
+                d.retry_after_ms <= now_ms,
+            )
+            .values(retry_after_ms=until_ms)
+        ).rowcount
     )
 
 

@@ -58,26 +58,36 @@ def seen_states(conn: Connection, user_ids: Collection[str]) -> dict[str, SeenSt
     d = user_directory.c
     found: dict[str, SeenState] = {}
     for batch in id_batches(conn, user_ids):
-        rows = conn.execute(
-            select(
-                d.user_id,
-                d.seen_displayname,
-                d.seen_avatar_url,
-                d.seen_room_id,
-                d.seen_elsewhere,
-                d.seen_per_room,
-            ).where(any_of(conn, d.user_id, batch))
-        )
-        for user_id, name, avatar, room_id, elsewhere, per_room in rows:
-            found[user_id] = _seen_state(name, avatar, room_id, elsewhere, per_room)
+        rows = conn.execute(select(d.user_id, *_SEEN_COLUMNS).where(any_of(conn, d.user_id, batch)))
+        for user_id, *seen in rows:
+            found[user_id] = _seen_state(*seen)
     return found
 
 
+_SEEN_COLUMNS = (
+    user_directory.c.seen_displayname,
+    user_directory.c.seen_avatar_url,
+    user_directory.c.seen_room_id,
+    user_directory.c.seen_elsewhere,
+    user_directory.c.seen_per_room,
+    user_directory.c.seen_checks,
+    user_directory.c.seen_checked_at_ms,
+)
+
+
 def _seen_state(
-    name: str | None, avatar: str | None, room_id: str | None, elsewhere: bool, per_room: bool
+    name: str | None,
+    avatar: str | None,
+    room_id: str | None,
+    elsewhere: bool,
+    per_room: bool,
+    checks: int | None,
+    checked_at_ms: int | None,
 ) -> SeenState:
     value = None if room_id is None else ProfileValue(name, avatar)
-    return SeenState(value, room_id, bool(elsewhere), bool(per_room))
+    return SeenState(
+        value, room_id, bool(elsewhere), bool(per_room), int(checks or 0), checked_at_ms
+    )
 
 
 # The columns create_placeholders fills; the profile columns (display_name, avatar_url,
@@ -95,6 +105,8 @@ _PLACEHOLDER_COLUMNS = (
     "seen_room_id",
     "seen_elsewhere",
     "seen_per_room",
+    "seen_checks",
+    "seen_checked_at_ms",
     "fetched_generation",
 )
 
@@ -107,6 +119,8 @@ def _seen_columns(state: SeenState) -> dict[str, object]:
         "seen_room_id": state.room_id,
         "seen_elsewhere": state.elsewhere,
         "seen_per_room": state.per_room,
+        "seen_checks": state.checks,
+        "seen_checked_at_ms": state.checked_at_ms,
     }
 
 
@@ -218,20 +232,13 @@ def answer_targets(conn: Connection, user_ids: Collection[str]) -> dict[str, Ans
     d = user_directory.c
     found: dict[str, AnswerTarget] = {}
     for batch in id_batches(conn, user_ids):
-        query = select(
-            d.user_id,
-            d.seen_displayname,
-            d.seen_avatar_url,
-            d.seen_room_id,
-            d.seen_elsewhere,
-            d.seen_per_room,
-            d.fetched_generation,
-        ).where(any_of(conn, d.user_id, batch))
+        query = select(d.user_id, d.fetched_generation, *_SEEN_COLUMNS).where(
+            any_of(conn, d.user_id, batch)
+        )
         # One order for every locker, so two committers cannot wait on each other.
         rows = conn.execute(query.order_by(d.user_id).with_for_update())
-        for user_id, name, avatar, room_id, elsewhere, per_room, generation in rows:
-            seen = _seen_state(name, avatar, room_id, elsewhere, per_room)
-            found[user_id] = AnswerTarget(seen, generation)
+        for user_id, generation, *seen in rows:
+            found[user_id] = AnswerTarget(_seen_state(*seen), generation)
     return found
 
 

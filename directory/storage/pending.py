@@ -163,6 +163,25 @@ def record_failures(conn: Connection, failures: Collection[Failure]) -> None:
         )
 
 
+def extend_leases(conn: Connection, claims: Collection[Claim], until_ms: int) -> None:
+    """Renew the lease of claims a live run still holds (rows of the claimed generation
+    that have not been given up; a newer trigger's row is not ours to lease)."""
+    rows = [
+        {"uid": c.user_id, "gen": c.generation} for c in sorted(claims, key=lambda c: c.user_id)
+    ]
+    for batch in chunks(rows):
+        conn.execute(
+            update(pending_fetches)
+            .where(
+                p.user_id == bindparam("uid"),
+                p.generation == bindparam("gen"),
+                p.next_attempt_ms.is_not(None),
+            )
+            .values(next_attempt_ms=until_ms),
+            list(batch),
+        )
+
+
 def postpone(
     conn: Connection, claims: Iterable[Claim], next_attempt_ms: int, error: str | None
 ) -> None:
@@ -202,6 +221,25 @@ def due_by_server(
     return [(server, int(n)) for server, n in conn.execute(query)]
 
 
+def coming_due_by_server(conn: Connection, now_ms: int, until_ms: int) -> list[tuple[str, int]]:
+    """Destinations with no user due now but one due by `until_ms` (a lease ending, a
+    short retry), with when; a destination's own backoff is not counted."""
+    first = func.min(p.next_attempt_ms).label("first")
+    due_now = (
+        select(p.server_name)
+        .where(p.next_attempt_ms <= now_ms)
+        .group_by(p.server_name)
+        .scalar_subquery()
+    )
+    query = (
+        select(p.server_name, first)
+        .where(p.next_attempt_ms > now_ms, p.next_attempt_ms <= until_ms)
+        .where(p.server_name.not_in(due_now))
+        .group_by(p.server_name)
+    )
+    return [(server, int(at)) for server, at in conn.execute(query)]
+
+
 def has_due(conn: Connection, server_name: str, now_ms: int) -> bool:
     """Whether the destination has due users and is not backed off."""
     backed_off = (
@@ -229,11 +267,16 @@ def next_due_ms(conn: Connection, server_name: str) -> int | None:
     return max(first, retry_after or 0)
 
 
-def revive_given_up(conn: Connection, server_name: str, now_ms: int) -> int:
-    """A destination came back: users who gave up while it was down try again."""
+def revive_destination(conn: Connection, server_name: str, now_ms: int) -> int:
+    """A destination came back: its users who failed while it was down (waiting for
+    their own retry, or given up) are due now, with a fresh attempt budget, instead of
+    each waiting out a backoff that only counted the server's outage."""
     return conn.execute(
         update(pending_fetches)
-        .where(p.server_name == server_name, p.next_attempt_ms.is_(None))
+        .where(
+            p.server_name == server_name,
+            or_(p.next_attempt_ms.is_(None), (p.next_attempt_ms > now_ms) & (p.attempts > 0)),
+        )
         .values(next_attempt_ms=now_ms, attempts=0)
     ).rowcount
 

@@ -283,3 +283,43 @@ def test_an_older_answer_landing_after_a_newer_one_is_not_applied(
     assert _answer(db, settings, first, ok("A")) == "discarded"
     assert row(db, user_directory, x)["display_name"] == "B"
     assert row(db, pending_fetches, x) is None
+
+
+def test_parallel_failures_each_count_and_the_backoff_matches_the_count(
+    db: Engine, settings: Settings
+) -> None:
+    """Two runs failing against one server at once: the second waits for the first's
+    count, so the backoff in force is the one for both failures."""
+    import threading
+
+    from directory.fetching import destination_retry_at
+    from directory.storage import destinations as destination_store
+
+    settings = with_settings(settings, destination_failure_threshold=1)
+    now = now_ms()
+
+    def retry_at(failures: int) -> int | None:
+        return destination_retry_at(settings, failures, now)
+
+    first = db.connect()
+    first.begin()
+    destination_store.record_failure(first, SERVER, now, "HTTP 502", retry_at)
+    second_done = threading.Event()
+
+    def second() -> None:
+        with db.begin() as conn:
+            destination_store.record_failure(conn, SERVER, now, "HTTP 502", retry_at)
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    second_done.wait(0.5)
+    first.commit()
+    first.close()
+    thread.join(10)
+    with db.connect() as conn:
+        health = conn.execute(
+            select(destinations).where(destinations.c.server_name == SERVER)
+        ).one()
+    assert health.consecutive_failures == 2
+    assert health.retry_after_ms == retry_at(2)
