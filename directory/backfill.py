@@ -51,7 +51,9 @@ def read_room(
         return SnapshotItem(room_id, purpose, read_after, snapshot, attempt=attempt)
     if not candidates:
         return None
-    return SnapshotItem(room_id, purpose, read_after, None, tuple(departed), attempt)
+    return SnapshotItem(
+        room_id, purpose, read_after, None, tuple(departed), attempt, tried=tuple(candidates)
+    )
 
 
 def unreadable(item: SnapshotItem) -> bool:
@@ -68,14 +70,14 @@ def _has_left(client: HomeserverClient, user_id: str, room_id: str) -> bool:
         return False
 
 
-def stop_reading(engine: Engine, room_id: str, read_after: int | None, retry_at_ms: int) -> None:
-    """Nobody could read the room: stop asking until `retry_at_ms`, unless events for it
-    arrived meanwhile (they may have brought a reader)."""
-    if read_after is None:
-        return
+def stop_reading(engine: Engine, item: SnapshotItem, retry_at_ms: int) -> None:
+    """Nobody could read the room: stop asking until `retry_at_ms`, unless a local
+    member we did not try has joined meanwhile (the next read may succeed as them)."""
     with engine.begin() as conn:
+        if set(room_store.local_members(conn, item.room_id)) - set(item.tried):
+            return
         conn.execute(
             update(rooms)
-            .where(rooms.c.room_id == room_id, rooms.c.member_events == read_after)
+            .where(rooms.c.room_id == item.room_id)
             .values(backfill_as=None, recheck_due_ms=retry_at_ms)
         )

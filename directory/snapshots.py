@@ -60,6 +60,8 @@ class SnapshotItem:
     departed: tuple[str, ...] = ()
     attempt: int = 0
     run_id: int | None = None
+    # The local members it was read as (or tried as), for the reader only: not queued.
+    tried: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def size(self) -> int:

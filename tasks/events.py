@@ -58,7 +58,7 @@ def backfill_room(self: Task, room_id: str, purpose: str = BACKFILL, attempt: in
             return 0  # nobody local to read it as: the room is not visible any more
         if unreadable(item):
             logger.warning("no local member of %s can read it; leaving it as it is", room_id)
-            stop_reading(resources.engine, room_id, item.read_after, now_ms() + UNREADABLE_RETRY_MS)
+            stop_reading(resources.engine, item, now_ms() + UNREADABLE_RETRY_MS)
             return 0
         with resources.engine.begin() as conn:
             accept_snapshots(conn, [item])
