@@ -18,6 +18,7 @@ from tests.directory.api.conftest import RunningApi, serve
 from tests.support.events import join_rules, member
 from tests.support.fake_homeserver import FakeHomeserver
 from tests.support.fake_homeserver import error as error_reply
+from tests.support.services import PrivateRedis
 from tests.support.state import entry_ids
 
 ALICE = "@alice:remote.test"
@@ -266,3 +267,17 @@ def test_health_says_when_our_homeserver_refuses_our_token_or_is_down(
         down = client.get("/health")
     assert down.status_code == 503
     assert down.json()["homeserver"] == "error: cannot reach HOMESERVER_URL (ConnectError)"
+
+
+def test_health_is_right_on_the_first_probe_after_redis_comes_back(
+    api: RunningApi, private_redis: PrivateRedis
+) -> None:
+    """The pooled connection died with Redis; it is replaced, not reported as an outage."""
+    with api.client() as client:
+        assert client.get("/health").status_code == 200
+        private_redis.stop()
+        down = client.get("/health")
+        private_redis.start()
+        back = client.get("/health")
+    assert down.status_code == 503 and down.json()["redis"].startswith("error")
+    assert back.status_code == 200, back.json()
