@@ -27,14 +27,11 @@ redis: install
 migrate: install
 	$(PY) -m alembic upgrade head
 
-# The HTTP server, a worker and beat in the foreground; Ctrl-C stops all three.
+# The default layout in the foreground (run.py): the HTTP server, an events worker, a
+# fetch worker and beat. Ctrl-C (or SIGTERM) stops them all within 10 s; if one dies, the
+# others are stopped and it says which.
 run: install redis migrate
-	@echo "starting the HTTP server, a worker and beat (Ctrl-C stops them)"
-	@trap 'kill 0' INT TERM; \
-	$(PY) server.py & \
-	$(PY) worker.py & \
-	$(PY) beat.py & \
-	wait
+	$(PY) run.py
 
 server: install redis
 	$(PY) server.py

@@ -6,15 +6,15 @@ mistake waits instead of sending every task twice.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from directory.config import PROJECT_ROOT
+from directory.config import PROJECT_ROOT, get_settings
+from directory.logs import configure_logging
 from tasks.app import app
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(get_settings(), "beat")
     import tasks.schedule  # noqa: F401  (installs the schedule on the app)
 
     args = ["beat", "--scheduler", "tasks.schedule:LeaderScheduler", "-l", "INFO"]

@@ -6,18 +6,18 @@ user-directory search, /health and /metrics on HTTP_HOST:HTTP_PORT.
 
 from __future__ import annotations
 
-import logging
-
 import redis.asyncio as aioredis
 import uvicorn
 
 from directory.api.app import create_app
+from directory.config import get_settings
+from directory.logs import configure_logging
 from tasks.outbox import wake_inbox_consumer
 from tasks.resources import get_resources
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(get_settings(), "server")
     resources = get_resources()
     settings = resources.settings
     app = create_app(
@@ -31,6 +31,8 @@ def main() -> None:
         host=settings.http_host,
         port=settings.http_port,
         log_level="info",
+        # configure_logging set up uvicorn's loggers (access log redacted).
+        log_config=None,
         # Searches go through the operator's reverse proxy; trust its X-Forwarded-For.
         proxy_headers=True,
     )

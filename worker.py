@@ -8,15 +8,15 @@ events on for Flower. Any option given on the command line wins, e.g.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from directory.config import get_settings
+from directory.logs import configure_logging
 from tasks.app import ALL_QUEUES, app
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(get_settings(), "worker")
     settings = get_settings()
     defaults = {
         ("-Q", "--queues"): ",".join(ALL_QUEUES),

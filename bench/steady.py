@@ -1,14 +1,18 @@
 """5. Steady state: event-to-directory latency under a steady event rate, and the
 worker's memory over many fetches.
 
-Latency: transactions of 100 events at a fixed pace (500 events/s = one every 200 ms),
+Latency, with the default process layout (`python run.py`: the HTTP server, an events
+worker, a fetch worker and beat, started with run.py's own commands): transactions of
+100 events at a fixed pace (500 events/s = one every 200 ms),
 each carrying first-sight joins (10), one global rename echoed into the user's rooms,
 joins of known users to more rooms and leaves, against a 50 ms remote. For every
 change that needs a fetch, the latency is the entry's fetched_at_ms (stamped by the
 worker when it stored the public profile) minus the moment the transaction was sent;
 a change superseded by a later one for the same user is not counted. The placeholder
 itself is visible when the transaction's 200 arrives (committed first), so the
-transaction round trip is reported too.
+transaction round trip is reported too, and so is the layout's memory: the RSS of each
+of its processes (a worker's pool children included), at the end and at its highest
+during the stream. Target: p50 <= 250 ms and p99 <= 1 s.
 
 Memory: one fresh worker fetches the whole population once (warm-up: imports, pools,
 caches), its RSS is read, then every entry is queued again and again (what a refresh
@@ -25,7 +29,7 @@ from typing import Any
 
 from bench.context import Context, percentile
 from bench.events import member_event, room_setup, transactions
-from bench.infra import MachineCpu, tree_rss_bytes, wait_until
+from bench.infra import MachineCpu, cpu_seconds, tree_rss_bytes, wait_until
 from bench.load import load_backlog, now_ms, requeue_all
 from bench.population import LOCAL_SERVER, make_population, public_profile
 
@@ -50,12 +54,65 @@ def run(ctx: Context) -> dict[str, Any]:
     return result
 
 
+# Event -> public profile with the default layout, at 500 events/s and a 50 ms remote.
+TARGET_P50_MS = 250.0
+TARGET_P99_MS = 1000.0
+# The benchmark's name for each process of run.py's layout (the "worker" prefix is what
+# Context.reset_state stops between phases).
+LAYOUT_NAMES = {
+    "server": "server",
+    "events worker": "worker-events",
+    "fetch worker": "worker-fetch",
+    "beat": "beat",
+}
+READY_MARKERS = {"worker-events": b" ready.", "worker-fetch": b" ready.", "beat": b"beat: Starting"}
+
+
+def run_layout() -> list[tuple[str, tuple[str, ...]]]:
+    import run
+
+    return run.layout()
+
+
+def start_layout(ctx: Context) -> None:
+    """The processes `python run.py` (`make run`) starts, with its exact commands: the
+    HTTP server (already running, started with the services), an events worker, a
+    fetch worker with the default pool and concurrency, and beat."""
+    assert ctx.procs
+    import run
+
+    for name, argv in run.layout(beat_schedule=str(ctx.logdir / "beat-schedule")):
+        bench_name = LAYOUT_NAMES[name]
+        if bench_name == "server":
+            continue
+        # --worker-pool reaches the fetch worker as its default (WORKER_POOL), as an
+        # operator's setting would; WORKER_CONCURRENCY is the service environment's.
+        ctx.procs.spawn(bench_name, list(argv), env={"WORKER_POOL": ctx.sizes.worker_pool})
+    for bench_name, marker in READY_MARKERS.items():
+        ctx.procs.wait_for_log(bench_name, marker)
+
+
+def layout_rss_mb(ctx: Context) -> dict[str, float]:
+    """RSS of each process of the layout, pool children included, in MB."""
+    assert ctx.procs
+    return {
+        name: tree_rss_bytes(ctx.procs.pid(bench_name)) / 2**20
+        for name, bench_name in LAYOUT_NAMES.items()
+    }
+
+
+def layout_cpu_seconds(ctx: Context) -> dict[str, float]:
+    assert ctx.procs
+    return {
+        name: cpu_seconds(ctx.procs.pid(bench_name)) for name, bench_name in LAYOUT_NAMES.items()
+    }
+
+
 def _latency(ctx: Context) -> dict[str, Any]:
     assert ctx.procs and ctx.fake
     sizes = ctx.sizes
     ctx.reset_state()
-    ctx.start_workers(1)
-    ctx.procs.start_beat()
+    start_layout(ctx)
     rng = random.Random(3)
     per_txn = sizes.txn_events
     txns = max(1, int(sizes.steady_seconds * sizes.steady_rate / per_txn))
@@ -90,6 +147,9 @@ def _latency(ctx: Context) -> dict[str, Any]:
         round_trips: list[float] = []
         interval = per_txn / sizes.steady_rate
         machine = MachineCpu()
+        cpu_before = layout_cpu_seconds(ctx)
+        rss_peak = layout_rss_mb(ctx)
+        last_reading = time.monotonic()
         started = time.monotonic()
         for k in range(txns):
             events: list[dict[str, Any]] = []
@@ -142,6 +202,11 @@ def _latency(ctx: Context) -> dict[str, Any]:
             round_trips += ctx.send_transactions(
                 client, transactions(events, per_txn), f"steady-{k}"
             )
+            if time.monotonic() - last_reading >= 1.0:
+                # Each process's highest reading during the stream.
+                reading = layout_rss_mb(ctx)
+                rss_peak = {name: max(mb, rss_peak[name]) for name, mb in reading.items()}
+                last_reading = time.monotonic()
         stream_seconds = time.monotonic() - started
         cpu_busy = machine.busy()
 
@@ -176,6 +241,8 @@ def _latency(ctx: Context) -> dict[str, Any]:
                 if name == tracked[user][0] and fetched is not None
             ]
     stats = ctx.fake.stats()
+    rss_end = layout_rss_mb(ctx)
+    cpu_after = layout_cpu_seconds(ctx)
     ctx.procs.stop_matching("worker")
     ctx.procs.stop_matching("beat")
     events_sent = txns * per_txn
@@ -197,6 +264,20 @@ def _latency(ctx: Context) -> dict[str, Any]:
         "profile_requests": stats["total_requests"],
         "rate_limited": stats["total_rate_limited"],
         "machine_cpu_busy": cpu_busy,
+        # The default layout (run.py): each process's RSS with its pool children, at the
+        # end (after the drain) and its highest reading during the stream, and the CPU
+        # seconds it used from the stream's start to the end of the drain.
+        "layout": [" ".join(argv) for _, argv in run_layout()],
+        "layout_rss_mb": rss_end,
+        "layout_rss_total_mb": sum(rss_end.values()),
+        "layout_rss_peak_mb": rss_peak,
+        "layout_rss_peak_total_mb": sum(rss_peak.values()),
+        "layout_cpu_seconds": {name: cpu_after[name] - cpu_before[name] for name in cpu_after},
+        "target_p50_ms": TARGET_P50_MS,
+        "target_p99_ms": TARGET_P99_MS,
+        "pass": drained
+        and percentile(measured, 50) <= TARGET_P50_MS
+        and percentile(measured, 99) <= TARGET_P99_MS,
     }
 
 

@@ -100,6 +100,11 @@ class Settings:
     # Celery pool: "threads" is light on memory (fetching waits on the network);
     # "prefork" spreads the Python work of fetching over processes and cores.
     worker_pool: str = "threads"
+    # Log lines of every process: "text" (readable, the default) or "json" (one object
+    # per line with time, level, logger, message and fields such as user_id,
+    # server_name, room_id and task_id, for a log collector). Secrets are redacted in
+    # both (directory/logs.py).
+    log_format: str = "text"
 
     # The HTTP server (appservice transactions, search, health, metrics).
     http_host: str = "127.0.0.1"
@@ -164,6 +169,8 @@ class Settings:
             raise ValueError("PER_DESTINATION_CONCURRENCY must be at least 1")
         if self.worker_pool not in ("threads", "prefork"):
             raise ValueError("WORKER_POOL must be threads or prefork")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("LOG_FORMAT must be text or json")
         if self.ingest_batch_events < 1:
             raise ValueError("INGEST_BATCH_EVENTS must be at least 1")
         if self.max_fetch_attempts < 1:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,8 +37,9 @@ from directory.events import ProfileValue
 from directory.locks import LockSet, Semaphore
 from directory.membership import next_refresh_ms
 from directory.profile_client import FetchResult, Outcome, ProfileClient
-from directory.storage import destinations, entries, pending
+from directory.storage import counters, destinations, entries, pending
 from directory.storage.pending import Claim
+from directory.telemetry import count_fetch
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,30 @@ def _shown_profile(result: FetchResult) -> ProfileValue:
     # shows the placeholder. Never a value from an event.
     profile = result.profile if result.outcome is Outcome.OK else None
     return profile or ProfileValue(None, None)
+
+
+def log_fetch(claim: Claim, result: FetchResult, seconds: float) -> None:
+    """The one line a fetch logs, whatever its outcome, with its parts as fields for
+    JSON logs (LOG_FORMAT=json)."""
+    duration_ms = round(seconds * 1000, 1)
+    fields: dict[str, object] = {
+        "user_id": claim.user_id,
+        "server_name": claim.server_name,
+        "outcome": result.outcome.value,
+        "duration_ms": duration_ms,
+        "generation": claim.generation,
+    }
+    if result.error:
+        fields["error"] = result.error
+    logger.info(
+        "fetch of %s: %s in %.0f ms (generation %d)%s",
+        claim.user_id,
+        result.outcome.value,
+        duration_ms,
+        claim.generation,
+        f": {result.error}" if result.error else "",
+        extra=fields,
+    )
 
 
 def _apply_answers(
@@ -454,21 +479,26 @@ class DestinationRun:
 
     def _fetch_all(self, claims: list[Claim], turn: _Turn) -> bool:
         group: list[tuple[Claim, FetchResult]] = []
+        # The group's fetches for /metrics (directory/telemetry.py), committed with it.
+        tally: Counter[str] = Counter()
         group_started = time.monotonic()
         for index, claim in enumerate(claims):
             if time.monotonic() >= turn.deadline:
                 turn.report.out_of_time = True
-                turn.committer.submit(self._commit, group, turn)
+                turn.committer.submit(self._commit, group, turn, tally)
                 self._give_back(turn, claims[index:], now_ms(), "run out of time")
                 return True
             if not group:
                 group_started = time.monotonic()
+            started = time.monotonic()
             result = self.client.fetch(claim.user_id)
+            count_fetch(tally, result, time.monotonic() - started)
+            log_fetch(claim, result, time.monotonic() - started)
             if result.outcome is Outcome.HOMESERVER:
                 # Nothing is known about this user or their server: no attempt is
                 # counted and nobody is backed off; everyone waits for our homeserver.
                 turn.report.homeserver_error = result.error
-                turn.committer.submit(self._commit, group, turn)
+                turn.committer.submit(self._commit, group, turn, tally)
                 turn.committer.wait()
                 delay_until = now_ms() + HOMESERVER_RETRY_DELAY_MS
                 self._give_back(turn, claims[index:], delay_until, result.error)
@@ -477,28 +507,34 @@ class DestinationRun:
             if result.outcome is Outcome.TRANSIENT:
                 # Committed before going on: it may back the destination off, and then
                 # the users not yet tried wait with it.
-                if turn.committer.submit(self._commit, group, turn).result():
+                if turn.committer.submit(self._commit, group, turn, tally).result():
                     turn.report.stopped_by_backoff = True
                     self._give_back(turn, claims[index + 1 :], now_ms(), None)
                     return True
-                group = []
+                group, tally = [], Counter()
             elif (
                 len(group) >= APPLY_GROUP_SIZE
                 or time.monotonic() - group_started >= APPLY_GROUP_SECONDS
             ):
-                turn.committer.submit(self._commit, group, turn)
-                group = []
-        turn.committer.submit(self._commit, group, turn)
+                turn.committer.submit(self._commit, group, turn, tally)
+                group, tally = [], Counter()
+        turn.committer.submit(self._commit, group, turn, tally)
         return False
 
-    def _commit(self, group: list[tuple[Claim, FetchResult]], turn: _Turn) -> bool:
-        """Commit the group's results (on the committer's thread); True if the
+    def _commit(
+        self,
+        group: list[tuple[Claim, FetchResult]],
+        turn: _Turn,
+        tally: Counter[str] | None = None,
+    ) -> bool:
+        """Commit the group's results (on the committer's thread), and `tally`, what
+        its fetches count for /metrics, in the same transaction; True if the
         destination backed off.
 
         Answers already fetched are worth keeping: if the database is away (a
         restart), the commit is tried again until it succeeds or the wait would
         outlast COMMIT_RETRY_SECONDS, rather than the users being fetched again."""
-        if not group:
+        if not group and not tally:
             return False
         claims = [claim for claim, _ in group]
         give_up_at = time.monotonic() + COMMIT_RETRY_SECONDS
@@ -512,6 +548,8 @@ class DestinationRun:
             try:
                 with self.engine.begin() as conn:
                     outcome = apply_results(conn, group, self.settings, now_ms())
+                    # Last in the transaction: these rows are shared by every run.
+                    counters.add(conn, tally or {}, sharded=True)
                 break
             except DBAPIError as exc:
                 turn.keeper.hold(claims)

@@ -36,8 +36,9 @@ from directory.config import Settings
 from directory.membership import BatchOutcome, process_events
 from directory.snapshots import SnapshotItem, apply_snapshots
 from directory.storage import bootstrap as bootstrap_store
-from directory.storage import inbox, transactions
+from directory.storage import counters, inbox, transactions
 from directory.storage.common import is_postgresql
+from directory.telemetry import apply_delays
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,9 @@ def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool, wait: 
                 # Only a newer version of this service writes other kinds.
                 logger.error("%d inbox rows of unknown kind %r dropped", len(items), kind)
         inbox.remove(conn, [item.id for item in taken.items])
+        # How long each item waited in the inbox, for /metrics: applied when this commits.
+        delays = apply_delays(((item.kind, item.received_at_ms) for item in taken.items), now_ms())
+        counters.add(conn, delays)
     return Applied(len(taken.items), outcome, taken.more)
 
 

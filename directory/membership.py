@@ -1,4 +1,4 @@
-"""What a batch of room events means for the directory (BRIEF §2).
+"""What a batch of room events means for the directory (docs/design.md §2).
 
 - A user joined to at least one visible room (one with a local member) has an entry;
   on first sight it is a placeholder showing only the user id, and a fetch is queued.

@@ -18,6 +18,7 @@ worker process CPU-bound long before the remote servers' politeness limit was re
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import http.client
 import json
@@ -39,7 +40,6 @@ from directory.text import (
     MAX_DISPLAYNAME_LENGTH,
     clean_avatar_url,
     clean_displayname,
-    split_user_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class FetchResult:
     profile: ProfileValue | None = None
     error: str | None = None
     retry_after_seconds: float | None = None
+    # The HTTP status of the answer judged (None: no answer, e.g. a timeout).
+    status: int | None = None
 
 
 def _result(
@@ -227,24 +229,8 @@ class ProfileClient:
             # Out of attempts: the last TRANSIENT result is the answer, not an exception.
             retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
         )
-        result: FetchResult = retrying(self._attempt, user_id)
-        self._log(user_id, result)
-        return result
-
-    def _log(self, user_id: str, result: FetchResult) -> None:
-        server = split_user_id(user_id)[1]
-        if result.outcome is Outcome.OK:
-            logger.debug("fetched profile of %s", user_id)
-        elif result.outcome in (Outcome.NOT_FOUND, Outcome.FORBIDDEN):
-            logger.info("profile of %s: %s (%s)", user_id, result.outcome.value, result.error)
-        else:
-            logger.warning(
-                "profile of %s (server %s): %s (%s)",
-                user_id,
-                server,
-                result.outcome.value,
-                result.error,
-            )
+        # Logged once per fetch, with its claim's generation, by directory/fetching.py.
+        return retrying(self._attempt, user_id)
 
     def _connect(self) -> tuple[http.client.HTTPConnection, bool]:
         try:
@@ -270,7 +256,7 @@ class ProfileClient:
                 conn.close()
                 conn, _ = self._connect()
                 response = self._send(conn, path)
-            result = self._judge(response, deadline)
+            result = dataclasses.replace(self._judge(response, deadline), status=response.status)
             if not response.isclosed() or response.will_close:
                 # Unread body, or the server closes: this connection is done.
                 conn.close()
@@ -321,12 +307,12 @@ class ProfileClient:
         if status == 404:
             if errcode == "M_UNRECOGNIZED":
                 # The endpoint itself is unknown: HOMESERVER_URL points at the wrong
-                # thing, which says nothing about the user.
-                logger.warning(
-                    "%s does not recognise the profile endpoint; check HOMESERVER_URL",
-                    self._base_url,
+                # thing, which says nothing about the user. (Said in the fetch's log
+                # line and the run's warning, in tasks/fetch.py.)
+                return _result(
+                    Outcome.HOMESERVER,
+                    f"{detail}: no profile endpoint there, check HOMESERVER_URL",
                 )
-                return _result(Outcome.HOMESERVER, detail)
             return _result(Outcome.NOT_FOUND, detail)
         if status == 403:
             return _result(Outcome.FORBIDDEN, detail)

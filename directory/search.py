@@ -1,9 +1,10 @@
 """Directory search: who may find whom, and how a term matches and ranks entries.
 
-Visibility (BRIEF §3): a searcher sees an entry when every entry is searchable
-(search_all_users), when its user is joined to a public room we can see, or when both
-are joined to one room we can see. Entries only ever hold a fetched public profile or
-a placeholder, so a per-room name can never be found nor shown (BRIEF §1, scenario 1).
+Visibility (docs/design.md §8, the protocol facts): a searcher sees an entry when every
+entry is searchable (search_all_users), when its user is joined to a public room we can
+see, or when both are joined to one room we can see. Entries only ever hold a fetched
+public profile or a placeholder, so a per-room name can never be found nor shown
+(docs/design.md, scenario 1).
 
 Matching: every word of the term (text.words: NFKC, casefolded, punctuation splits)
 must be a prefix of a word of the user id or of the public display name.

@@ -29,6 +29,7 @@ from directory.membership import BatchOutcome, process_events
 from directory.storage import bootstrap as bootstrap_store
 from directory.storage import counters
 from directory.storage import rooms as room_store
+from directory.telemetry import REPAIRS_PREFIX, SNAPSHOTS_PREFIX
 
 # Why a room was read; each counts its snapshots apart, and only reconciliation's
 # differences count as repairs (a backfill or bootstrap is expected to find members).
@@ -41,9 +42,8 @@ RECHECK_JITTER = 0.1
 # busy with member events gets a quiet moment sooner or later.
 REREAD_BASE_MS = 200
 REREAD_MAX_MS = 60_000
-# Counter names (storage.counters) this module adds to.
-REPAIRS_PREFIX = "reconcile_repairs:"
-SNAPSHOTS_PREFIX = "snapshots:"
+# The counter names this module adds to (REPAIRS_PREFIX, SNAPSHOTS_PREFIX) are
+# directory/telemetry.py's, imported here for the callers that read them.
 
 
 @dataclass(frozen=True)

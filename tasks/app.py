@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery, signals
+from celery import Celery, current_task, signals
 from kombu import Exchange, Queue
 
 from directory.config import get_settings
+from directory.logs import add_context, configure_logging, is_configured
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,52 @@ app.conf.update(
     worker_hijack_root_logger=False,
     timezone="UTC",
 )
+
+
+@signals.setup_logging.connect
+def logging_is_ours(**_kwargs: object) -> None:
+    """worker.py and beat.py configured logging (directory/logs.py, LOG_FORMAT): Celery
+    adds no handler and no formatter of its own, and leaves stdout alone. A Celery
+    program started otherwise (`celery -A tasks.app worker`) gets the same setup here."""
+    if not is_configured():
+        configure_logging(settings, "celery")
+
+
+# The field a task's first argument fills in its log lines.
+TASK_SUBJECTS = {
+    "tasks.events.backfill_room": "room_id",
+    "tasks.fetch.fetch_destination": "server_name",
+}
+
+
+def task_log_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The task a log line belongs to, for JSON logs: the one running in this thread
+    (with the room or server it is about), or the one Celery's own "received" and
+    "succeeded" lines are about."""
+    task = current_task
+    if task:
+        fields: dict[str, object] = {"task_id": task.request.id, "task": task.name}
+        subject = TASK_SUBJECTS.get(task.name)
+        if subject is not None:
+            args, kwargs = task.request.args or (), task.request.kwargs or {}
+            fields[subject] = kwargs.get(subject, args[0] if args else None)
+        return fields
+    data = record.__dict__.get("data")
+    if isinstance(data, dict) and data.get("id"):
+        return {"task_id": data["id"], "task": data.get("name")}
+    return {}
+
+
+add_context(task_log_fields)
+
+
+@signals.celeryd_after_setup.connect
+def banner_as_one_log_line(sender: str, instance: object, **_kwargs: object) -> None:
+    """With JSON logs the worker's banner (printed, many lines) is one log line too."""
+    if settings.log_format == "json":
+        instance.quiet = True  # type: ignore[attr-defined]
+        info = instance.startup_info(artlines=False)  # type: ignore[attr-defined]
+        logger.info("celery worker %s starting\n%s", sender, info.strip("\n"))
 
 
 @signals.worker_process_init.connect

@@ -102,20 +102,25 @@ def list_rooms(run_id: int) -> int:
 
 
 @app.task(name=BOOTSTRAP_LOAD_TASK, acks_late=True, reject_on_worker_lost=True)
-def load_rooms(run_id: int) -> int:
-    """Read due rooms of the run for one step; returns how many were read."""
+def load_rooms(run_id: int, waiter: bool = False) -> int:
+    """Read due rooms of the run for one step; returns how many were read. `waiter`:
+    this run was queued to look again at slots held by others (see below)."""
     resources = get_resources()
+    waiter_key = bootstrap_waiter_key(run_id)
+    if waiter:
+        # Whatever happens next, the next loader to find the slots taken may wait.
+        resources.redis.delete(waiter_key)
     slot = Semaphore(
         resources.redis, SLOTS_KEY, resources.settings.bootstrap_concurrency, HOLD_TTL_MS
     )
     if not slot.acquire():
         # BOOTSTRAP_CONCURRENCY loaders are reading already, or died holding their
         # slots (a killed worker's expire within HOLD_TTL_MS): one waiter looks again
-        # then, so the run never stalls behind dead loaders.
-        if resources.redis.set(bootstrap_waiter_key(run_id), 1, nx=True, px=HOLD_TTL_MS // 2):
+        # a while later, so the run never stalls behind dead loaders.
+        if resources.redis.set(waiter_key, 1, nx=True, px=HOLD_TTL_MS):
             app.send_task(
                 BOOTSTRAP_LOAD_TASK,
-                args=(run_id,),
+                args=(run_id, True),
                 queue=EVENTS_QUEUE,
                 countdown=HOLD_TTL_MS / 2000,
             )

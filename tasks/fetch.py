@@ -44,7 +44,13 @@ def fetch_destination(self: Task, server_name: str) -> None:
     except (DBAPIError, redis.RedisError) as exc:
         # The run handed back what it held unfetched; its users are due again.
         delay = min(2**self.request.retries, MAX_RUN_RETRY_DELAY_S)
-        logger.warning("fetch run for %s failed (%s); again in %d s", server_name, exc, delay)
+        logger.warning(
+            "fetch run for %s failed (%s); again in %d s",
+            server_name,
+            exc,
+            delay,
+            extra={"server_name": server_name},
+        )
         raise self.retry(exc=exc, countdown=delay) from exc
     if not report.acquired_slot:
         # Every slot is taken: the holders drain this destination's due users.
@@ -56,6 +62,7 @@ def fetch_destination(self: Task, server_name: str) -> None:
         report.discarded,
         report.failed,
         " (backed off)" if report.stopped_by_backoff else "",
+        extra={"server_name": server_name},
     )
     if report.homeserver_error:
         logger.warning(
@@ -63,5 +70,6 @@ def fetch_destination(self: Task, server_name: str) -> None:
             " for it, with no attempt counted",
             report.homeserver_error,
             server_name,
+            extra={"server_name": server_name},
         )
     destination_drained(server_name)

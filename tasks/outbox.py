@@ -37,9 +37,11 @@ INBOX_RETRY_DELAY_MS = 500
 # How long a "tasks already queued for this destination" mark lives without a run
 # clearing it: after this, reconciliation may publish again (the runs were lost).
 QUEUED_MARK_TTL_MS = 30_000
-# A retry due within this long gets a delayed task; later ones wait for reconciliation.
-# Far below the broker's visibility timeout (tasks/app.py).
-FOLLOW_UP_HORIZON_MS = 60_000
+# A retry due within this long (a user's retry, a destination's backoff, a lease
+# ending) gets a delayed task, one per destination; later ones wait for
+# reconciliation. Far below the broker's visibility timeout (tasks/app.py).
+FOLLOW_UP_HORIZON_MS = 600_000
+FOLLOW_UP_MARK_MARGIN_MS = 1_000
 # Rooms whose backfill is republished per reconciliation run.
 BACKFILLS_PER_RUN = 500
 # A room read queued and not started yet: reconciliation does not publish it again.
@@ -246,17 +248,28 @@ def destination_drained(server_name: str) -> None:
     if due:
         publish_fetches([server_name])
     elif next_due is not None and next_due - now <= FOLLOW_UP_HORIZON_MS:
-        # Short retries run on time instead of waiting for the next reconciliation;
-        # longer ones are left to beat (no long countdowns in the broker).
+        # Retries (and the end of a backoff) run on time instead of waiting for the
+        # next reconciliation; much later ones are left to beat (no long countdowns in
+        # the broker).
         _schedule_fetch(server_name, (next_due - now) / 1000)
 
 
+def follow_up_key(server_name: str) -> str:
+    return f"ud:dest:{server_name}:follow-up"
+
+
 def _schedule_fetch(server_name: str, in_seconds: float) -> int:
-    """One fetch run for the destination, in `in_seconds`."""
+    """One fetch run for the destination in `in_seconds`, unless one is scheduled for
+    then already (several runs stopping together schedule one follow-up)."""
+    in_seconds = max(0.0, in_seconds)
     try:
-        app.send_task(
-            FETCH_TASK, args=(server_name,), queue=FETCH_QUEUE, countdown=max(0.0, in_seconds)
-        )
+        # The mark ends a moment before the run starts, so that run (whose own end may
+        # schedule the next follow-up) never finds it still set.
+        key = follow_up_key(server_name)
+        ttl_ms = max(1, int(in_seconds * 1000) - FOLLOW_UP_MARK_MARGIN_MS)
+        if not get_resources().redis.set(key, 1, nx=True, px=ttl_ms):
+            return 0
+        app.send_task(FETCH_TASK, args=(server_name,), queue=FETCH_QUEUE, countdown=in_seconds)
         return 1
     except Exception:
         logger.warning("could not schedule a follow-up for %s", server_name, exc_info=True)

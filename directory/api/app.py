@@ -110,6 +110,24 @@ def create_app(
         return {"results": hits, "limited": result.limited}
 
     async def post_search(request: Request) -> Response:
+        # Every search is counted by the status it is answered with, errors included
+        # (not one whose client went away mid-request: it is answered with nothing).
+        status: str | None = None
+        try:
+            response = await answer_search(request)
+            status = str(response.status_code)
+            return response
+        except MatrixError as exc:
+            status = str(exc.status)
+            raise
+        except Exception:
+            status = "500"  # answered by Starlette's ServerErrorMiddleware
+            raise
+        finally:
+            if status is not None:
+                metrics.searches.labels(status).inc()
+
+    async def answer_search(request: Request) -> Response:
         started = time.perf_counter()
         searcher = await verifier.user_for(bearer_token(request))
         wait = await limiter.take(f"search:{searcher}")
@@ -131,7 +149,6 @@ def create_app(
         limit = max(0, min(limit, settings.search_max_limit))
         answer = await run_in_threadpool(run_search, searcher, term, limit)
         metrics.search_seconds.observe(time.perf_counter() - started)
-        metrics.searches.labels("200").inc()
         return JSONResponse(answer)
 
     def check_database() -> None:
@@ -172,8 +189,6 @@ def create_app(
 
     async def matrix_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, MatrixError)
-        if exc.status == 429 or exc.status >= 500 or exc.status == 401:
-            metrics.searches.labels(str(exc.status)).inc()
         return exc.response()
 
     async def not_found(_request: Request, _exc: Exception) -> Response:

@@ -1,7 +1,9 @@
 """What /metrics exposes. Request counts and latencies are this process's own; every
 figure about the directory's state, and the totals of work done by any process
-(repairs, snapshots, the bootstrap), is read from the database at each scrape, so it
-is the same whichever server process answers and survives restarts."""
+(profile fetches and their durations, the inbox's apply delays, repairs, snapshots,
+the bootstrap), is read from the database at each scrape, so it is the same whichever
+server process answers, adds up every worker on every host, and survives restarts.
+directory/telemetry.py names the database-backed metrics."""
 
 from __future__ import annotations
 
@@ -9,14 +11,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, func, select
 
+from directory import telemetry
 from directory.models import user_directory
-from directory.snapshots import REPAIRS_PREFIX, SNAPSHOTS_PREFIX
+from directory.snapshots import PURPOSES
 from directory.storage import bootstrap as bootstrap_store
-from directory.storage import counters, inbox, pending
+from directory.storage import counters, destinations, inbox, pending
 from directory.storage import rooms as room_store
 
 
@@ -38,24 +46,7 @@ class _DatabaseTotals(Collector):
 
     def collect(self) -> Iterator[Metric]:
         totals = self.readings.totals
-        repairs = CounterMetricFamily(
-            "directory_reconcile_repairs",
-            "Differences a scheduled room check found and repaired",
-            labels=["kind"],
-        )
-        snapshots = CounterMetricFamily(
-            "directory_snapshots",
-            "Room snapshots applied or refused as stale, by why the room was read",
-            labels=["purpose", "result"],
-        )
-        for kind in ("members_added", "members_removed", "join_rule", "history_visibility"):
-            repairs.add_metric([kind], totals.get(REPAIRS_PREFIX + kind, 0))
-        for name, value in sorted(totals.items()):
-            if name.startswith(SNAPSHOTS_PREFIX):
-                purpose, _, result = name[len(SNAPSHOTS_PREFIX) :].partition(":")
-                snapshots.add_metric([purpose, result], value)
-        yield repairs
-        yield snapshots
+        yield from _work_totals(totals)
 
         progress = self.readings.bootstrap
         running = GaugeMetricFamily(
@@ -91,6 +82,70 @@ class _DatabaseTotals(Collector):
         yield rooms
         yield memberships
         yield rate
+
+
+def _work_totals(totals: dict[str, int]) -> Iterator[Metric]:
+    """The counters and histograms workers add to (directory/telemetry.py names them),
+    every label value shown from zero on."""
+    repairs = CounterMetricFamily(
+        telemetry.RECONCILE_REPAIRS,
+        "Differences a scheduled room check found and repaired",
+        labels=["kind"],
+    )
+    for kind in telemetry.REPAIR_KINDS:
+        repairs.add_metric([kind], totals.get(telemetry.REPAIRS_PREFIX + kind, 0))
+    yield repairs
+
+    snapshots = CounterMetricFamily(
+        telemetry.SNAPSHOTS,
+        "Room snapshots applied or refused as stale, by why the room was read"
+        " (backfill: our server joined the room)",
+        labels=["purpose", "result"],
+    )
+    found = {
+        tuple(name[len(telemetry.SNAPSHOTS_PREFIX) :].split(":", 1)): value
+        for name, value in totals.items()
+        if name.startswith(telemetry.SNAPSHOTS_PREFIX)
+    }
+    for purpose in PURPOSES:
+        for result in telemetry.SNAPSHOT_RESULTS:
+            found.setdefault((purpose, result), 0)
+    for key, value in sorted(found.items()):
+        if len(key) == 2:
+            snapshots.add_metric(list(key), value)
+    yield snapshots
+
+    fetches = CounterMetricFamily(
+        telemetry.FETCHES,
+        "Profile fetches (quick retries included) by how they ended: ok, not_found,"
+        " forbidden, timeout, 5xx, 429, invalid, other (a dropped connection, an"
+        " unexpected status), homeserver (our own homeserver did not serve it)",
+        labels=["outcome"],
+    )
+    for outcome in telemetry.FETCH_OUTCOMES:
+        fetches.add_metric([outcome], totals.get(telemetry.FETCHES_PREFIX + outcome, 0))
+    yield fetches
+
+    fetch_seconds = HistogramMetricFamily(
+        telemetry.FETCH_SECONDS, "Duration of a profile fetch (quick retries included)"
+    )
+    buckets, total = telemetry.histogram(
+        totals, telemetry.FETCH_SECONDS_PREFIX, telemetry.FETCH_SECONDS_BUCKETS
+    )
+    fetch_seconds.add_metric([], buckets, total)
+    yield fetch_seconds
+
+    apply_delay = HistogramMetricFamily(
+        telemetry.APPLY_DELAY_SECONDS,
+        "From an inbox item's acceptance (a transaction, a room snapshot) to its application",
+        labels=["kind"],
+    )
+    for kind in telemetry.APPLY_KINDS:
+        buckets, total = telemetry.histogram(
+            totals, f"{telemetry.APPLY_DELAY_PREFIX}{kind}:", telemetry.APPLY_DELAY_BUCKETS
+        )
+        apply_delay.add_metric([kind], buckets, total)
+    yield apply_delay
 
 
 class Metrics:
@@ -130,6 +185,11 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.backed_off = Gauge(
+            telemetry.DESTINATIONS_BACKED_OFF,
+            "Remote servers waiting out a backoff after consecutive failures",
+            registry=self.registry,
+        )
         self._readings = _Readings()
         self.registry.register(_DatabaseTotals(self._readings))
 
@@ -144,6 +204,7 @@ class Metrics:
         self.pending.labels("due").set(summary.due)
         self.pending.labels("waiting").set(summary.waiting)
         self.pending.labels("given_up").set(summary.given_up)
+        self.backed_off.set(destinations.count_backed_off(conn, now))
         self._readings.totals = counters.read(conn)
         run = bootstrap_store.latest_run(conn)
         self._readings.bootstrap_active = run is not None and run.finished_at_ms is None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, and_, bindparam, case, delete, func, insert, select, update
 
-from directory.models import bootstrap_rooms, bootstrap_runs, bootstrap_users
+from directory.models import bootstrap_rooms, bootstrap_runs, bootstrap_users, room_members
 from directory.storage.common import any_of, chunks, id_batches, upsert_rows
 
 LISTED, READ, LOADED, FAILED = "listed", "read", "loaded", "failed"
@@ -335,3 +335,24 @@ def failed_rooms(conn: Connection, run_id: int, limit: int) -> list[tuple[str, s
             .limit(limit)
         )
     ]
+
+
+def forget_user(conn: Connection, user_id: str) -> int:
+    """An erasure: no bootstrap run names the user any more. Their place in a users
+    file's list goes; a room to be read as them is read as another local member we
+    know (none: with the admin API, which a run from a users file may lack; the room
+    then fails and the next run lists it again). Returns the rows that named them."""
+    removed = conn.execute(delete(bootstrap_users).where(u.user_id == user_id)).rowcount
+    other_local = (
+        select(func.min(room_members.c.user_id))
+        .where(
+            room_members.c.room_id == r.room_id,
+            room_members.c.is_local,
+            room_members.c.user_id != user_id,
+        )
+        .scalar_subquery()
+    )
+    removed += conn.execute(
+        update(bootstrap_rooms).where(r.read_as == user_id).values(read_as=other_local)
+    ).rowcount
+    return removed

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 
 from directory.models import destinations
 from directory.storage.common import insert_for
@@ -98,3 +98,66 @@ def backed_off(conn: Connection, now_ms: int) -> list[tuple[str, int]]:
             select(d.server_name, d.retry_after_ms).where(d.retry_after_ms > now_ms)
         )
     ]
+
+
+@dataclass(frozen=True)
+class Destination:
+    server_name: str
+    consecutive_failures: int
+    retry_after_ms: int | None
+    last_success_ms: int | None
+    last_failure_ms: int | None
+    last_error: str | None
+
+
+_DESTINATION_COLUMNS = (
+    d.server_name,
+    d.consecutive_failures,
+    d.retry_after_ms,
+    d.last_success_ms,
+    d.last_failure_ms,
+    d.last_error,
+)
+
+
+def details(conn: Connection, server_name: str) -> Destination | None:
+    row = conn.execute(
+        select(*_DESTINATION_COLUMNS).where(d.server_name == server_name)
+    ).one_or_none()
+    return None if row is None else Destination(*row)
+
+
+def worst_backed_off(conn: Connection, now_ms: int, limit: int) -> tuple[int, list[Destination]]:
+    """How many destinations are backed off now, and the `limit` worst of them (most
+    consecutive failures, then the longest wait left)."""
+    backing_off = d.retry_after_ms > now_ms
+    count = conn.scalar(select(func.count()).select_from(destinations).where(backing_off))
+    rows = conn.execute(
+        select(*_DESTINATION_COLUMNS)
+        .where(backing_off)
+        .order_by(d.consecutive_failures.desc(), d.retry_after_ms.desc(), d.server_name)
+        .limit(limit)
+    )
+    return int(count or 0), [Destination(*row) for row in rows]
+
+
+def clear_backoff(conn: Connection, server_name: str) -> bool:
+    """An operator's requeue: the destination may be tried at once, its failure count
+    starting over. True if it was failing or backed off."""
+    return bool(
+        conn.execute(
+            update(destinations)
+            .where(
+                d.server_name == server_name,
+                (d.consecutive_failures > 0) | d.retry_after_ms.is_not(None),
+            )
+            .values(consecutive_failures=0, retry_after_ms=None)
+        ).rowcount
+    )
+
+
+def count_backed_off(conn: Connection, now_ms: int) -> int:
+    """Servers waiting out a backoff now (a probe in flight included)."""
+    return int(
+        conn.scalar(select(func.count()).select_from(destinations).where(d.retry_after_ms > now_ms))
+    )

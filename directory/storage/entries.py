@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import (
@@ -294,3 +294,59 @@ def delete_orphans(conn: Connection) -> int:
         not_(exists(_in_visible_room.where(room_members.c.user_id == user_directory.c.user_id)))
     )
     return delete_entries(conn, list(conn.scalars(orphaned)))
+
+
+@dataclass(frozen=True)
+class PublicEntry:
+    """What an entry shows, and nothing it only remembers: display_name and avatar_url
+    are the fetched public profile (None on a placeholder); the seen_* columns, which
+    may hold a per-room value, are never read here."""
+
+    user_id: str
+    display_name: str | None
+    avatar_url: str | None
+    fetched_at_ms: int | None
+    fetched_generation: int | None
+    in_public_room: bool
+    created_at_ms: int
+    refresh_due_ms: int
+
+    @property
+    def is_placeholder(self) -> bool:
+        return self.fetched_at_ms is None
+
+
+def public_entry(conn: Connection, user_id: str) -> PublicEntry | None:
+    d = user_directory.c
+    row = conn.execute(
+        select(
+            d.user_id,
+            d.display_name,
+            d.avatar_url,
+            d.fetched_at_ms,
+            d.fetched_generation,
+            d.in_public_room,
+            d.created_at_ms,
+            d.refresh_due_ms,
+        ).where(d.user_id == user_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    entry = PublicEntry(*row)
+    entry = replace(entry, in_public_room=bool(entry.in_public_room))
+    if entry.is_placeholder:
+        # Only a fetch writes these; a placeholder shows the user id alone.
+        entry = replace(entry, display_name=None, avatar_url=None)
+    return entry
+
+
+def lock_entry(conn: Connection, user_id: str) -> bool:
+    """Whether the user has an entry, held (FOR UPDATE on PostgreSQL; SQLite's write
+    transaction excludes other writers) so it is not deleted before the caller commits."""
+    d = user_directory.c
+    found = conn.execute(select(d.user_id).where(d.user_id == user_id).with_for_update()).first()
+    return found is not None
+
+
+def count(conn: Connection) -> int:
+    return int(conn.scalar(select(func.count()).select_from(user_directory)) or 0)

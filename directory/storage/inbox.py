@@ -33,6 +33,8 @@ class InboxItem:
     id: int
     payload: bytes
     kind: str = EVENTS
+    # When it was accepted (event_inbox.received_at_ms).
+    received_at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,15 @@ def take(conn: Connection, max_events: int) -> Taken:
         last_id = row_id
     if last_id is None:
         return Taken([], False)
-    rows = conn.execute(select(t.id, t.payload, t.kind).where(t.id <= last_id).order_by(t.id))
+    rows = conn.execute(
+        select(t.id, t.payload, t.kind, t.received_at_ms).where(t.id <= last_id).order_by(t.id)
+    )
     return Taken(
-        [InboxItem(row_id, payload, kind) for row_id, payload, kind in rows], taken < len(counts)
+        [
+            InboxItem(row_id, payload, kind, received_at_ms)
+            for row_id, payload, kind, received_at_ms in rows
+        ],
+        taken < len(counts),
     )
 
 

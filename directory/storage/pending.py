@@ -7,6 +7,7 @@ again when the lease ends. NULL means we gave up until the next trigger or refre
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
@@ -14,7 +15,14 @@ from sqlalchemy import Connection, bindparam, delete, func, or_, select, text, t
 
 from directory.events import server_name_of
 from directory.models import destinations, pending_fetches, sequences
-from directory.storage.common import any_of, chunks, insert_for, is_postgresql, upsert_rows
+from directory.storage.common import (
+    any_of,
+    chunks,
+    id_batches,
+    insert_for,
+    is_postgresql,
+    upsert_rows,
+)
 
 p = pending_fetches.c
 
@@ -297,3 +305,126 @@ def summary(conn: Connection, now_ms: int) -> PendingSummary:
         )
     ).one()
     return PendingSummary(due=due, waiting=waiting, given_up=given_up)
+
+
+# Where an operator's view of a pending row stands (directory/operator.py).
+DUE, IN_FLIGHT, WAITING, GIVEN_UP = "due", "in flight", "waiting", "given up"
+
+
+def state_of(next_attempt_ms: int | None, now_ms: int, lease_ms: int) -> str:
+    """A claim moves next_attempt_ms to the end of its lease, at most `lease_ms` ahead,
+    and a live run keeps it there; so a row due within the lease is counted in flight
+    (a short retry, e.g. after a 429, looks the same until it is due)."""
+    if next_attempt_ms is None:
+        return GIVEN_UP
+    if next_attempt_ms <= now_ms:
+        return DUE
+    return IN_FLIGHT if next_attempt_ms <= now_ms + lease_ms else WAITING
+
+
+@dataclass(frozen=True)
+class StateCounts:
+    due: int
+    in_flight: int
+    waiting: int
+    given_up: int
+    # The longest-due row's due time (None: nothing is due), and how many due rows wait
+    # for their destination's backoff.
+    oldest_due_ms: int | None
+    due_behind_backoff: int
+
+
+def state_counts(conn: Connection, now_ms: int, lease_ms: int) -> StateCounts:
+    """Pending rows by state (see state_of), in one pass over the table."""
+    lease_end = now_ms + lease_ms
+    backed_off = (
+        select(destinations.c.server_name)
+        .where(destinations.c.server_name == p.server_name, ~_destination_open(now_ms))
+        .exists()
+    )
+    row = conn.execute(
+        select(
+            func.count().filter(p.next_attempt_ms <= now_ms),
+            func.count().filter(p.next_attempt_ms > now_ms, p.next_attempt_ms <= lease_end),
+            func.count().filter(p.next_attempt_ms > lease_end),
+            func.count().filter(p.next_attempt_ms.is_(None)),
+            func.min(p.next_attempt_ms).filter(p.next_attempt_ms <= now_ms),
+        )
+    ).one()
+    behind = conn.scalar(
+        select(func.count())
+        .select_from(pending_fetches)
+        .where(p.next_attempt_ms <= now_ms, backed_off)
+    )
+    return StateCounts(
+        due=int(row[0]),
+        in_flight=int(row[1]),
+        waiting=int(row[2]),
+        given_up=int(row[3]),
+        oldest_due_ms=None if row[4] is None else int(row[4]),
+        due_behind_backoff=int(behind or 0),
+    )
+
+
+def users_by_server(conn: Connection, servers: Collection[str]) -> dict[str, int]:
+    """Pending rows (any state) of each of these destinations that has some."""
+    found: dict[str, int] = {}
+    for batch in chunks(sorted(servers)):
+        rows = conn.execute(
+            select(p.server_name, func.count())
+            .where(any_of(conn, p.server_name, batch))
+            .group_by(p.server_name)
+        )
+        found.update((server, int(n)) for server, n in rows)
+    return found
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    generation: int
+    attempts: int
+    next_attempt_ms: int | None
+    reason: str
+    last_error: str | None
+    queued_at_ms: int
+
+
+def pending_of(conn: Connection, user_id: str) -> PendingRow | None:
+    row = conn.execute(
+        select(
+            p.generation, p.attempts, p.next_attempt_ms, p.reason, p.last_error, p.queued_at_ms
+        ).where(p.user_id == user_id)
+    ).one_or_none()
+    return None if row is None else PendingRow(*row)
+
+
+def make_due(
+    conn: Connection,
+    now_ms: int,
+    *,
+    user_id: str | None = None,
+    server_name: str | None = None,
+    given_up_only: bool = False,
+) -> tuple[Counter[str], Counter[str]]:
+    """An operator's requeue: the chosen rows (one user's, one destination's, or every
+    given-up one) are due now with a fresh attempt budget; their generation stays (no
+    new trigger). Returns, per destination, how many rows were made due and how many
+    of them were not due before. The rows are locked first, so no run claims one between
+    reading and writing it."""
+    query = select(p.user_id, p.server_name, p.next_attempt_ms)
+    if user_id is not None:
+        query = query.where(p.user_id == user_id)
+    if server_name is not None:
+        query = query.where(p.server_name == server_name)
+    if given_up_only:
+        query = query.where(p.next_attempt_ms.is_(None))
+    rows = conn.execute(query.order_by(p.user_id).with_for_update()).all()
+    for batch in id_batches(conn, [user for user, _, _ in rows]):
+        conn.execute(
+            update(pending_fetches)
+            .where(any_of(conn, p.user_id, batch))
+            .values(next_attempt_ms=now_ms, attempts=0)
+        )
+    touched = Counter(server for _, server, _ in rows)
+    became_due = Counter(server for _, server, at in rows if at is None or at > now_ms)
+    return touched, became_due

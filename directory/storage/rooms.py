@@ -381,3 +381,90 @@ def visible_rooms(conn: Connection) -> list[str]:
 
 def count_visible(conn: Connection) -> int:
     return int(conn.scalar(select(func.count()).select_from(rooms).where(rooms.c.is_visible)))
+
+
+@dataclass(frozen=True)
+class MemberRoom:
+    """A room a user is joined to, as far as who can find them goes (the member row's
+    per-room values are never read here)."""
+
+    room_id: str
+    is_visible: bool
+    is_public: bool
+    join_rule: str | None
+    history_visibility: str | None
+
+
+def rooms_of_member(conn: Connection, user_id: str) -> list[MemberRoom]:
+    """Every room we hold the user as joined to, visible or not, in room order."""
+    rows = conn.execute(
+        select(
+            rooms.c.room_id,
+            rooms.c.is_visible,
+            rooms.c.is_public,
+            rooms.c.join_rule,
+            rooms.c.history_visibility,
+        )
+        .join(room_members, room_members.c.room_id == rooms.c.room_id)
+        .where(room_members.c.user_id == user_id)
+        .order_by(rooms.c.room_id)
+    )
+    return [
+        MemberRoom(room_id, bool(visible), bool(public), join_rule, history)
+        for room_id, visible, public, join_rule, history in rows
+    ]
+
+
+def count_per_room_values(conn: Connection, user_id: str) -> int:
+    """How many of the user's member rows hold a per-room name or avatar (counted, not
+    read)."""
+    m = room_members.c
+    return int(
+        conn.scalar(
+            select(func.count())
+            .select_from(room_members)
+            .where(m.user_id == user_id, or_(m.displayname.is_not(None), m.avatar_url.is_not(None)))
+        )
+        or 0
+    )
+
+
+def replace_reader(conn: Connection, user_id: str) -> int:
+    """Rooms waiting to be read as this user (backfill_as) are read as another local
+    member we know instead (none left: not read; the room is no longer visible then).
+    Returns how many rooms named the user."""
+    other_local = (
+        select(func.min(room_members.c.user_id))
+        .where(
+            room_members.c.room_id == rooms.c.room_id,
+            room_members.c.is_local,
+            room_members.c.user_id != user_id,
+        )
+        .scalar_subquery()
+    )
+    return conn.execute(
+        update(rooms).where(rooms.c.backfill_as == user_id).values(backfill_as=other_local)
+    ).rowcount
+
+
+@dataclass(frozen=True)
+class CheckProgress:
+    visible: int
+    # Visible rooms a snapshot confirmed since the given time, and never.
+    checked_since: int
+    never_checked: int
+    # The visible room checked longest ago (None: none was ever checked).
+    oldest_checked_at_ms: int | None
+
+
+def check_progress(conn: Connection, since_ms: int) -> CheckProgress:
+    checked = rooms.c.checked_at_ms
+    visible, recent, never, oldest = conn.execute(
+        select(
+            func.count(),
+            func.count().filter(checked >= since_ms),
+            func.count().filter(checked.is_(None)),
+            func.min(checked),
+        ).where(rooms.c.is_visible)
+    ).one()
+    return CheckProgress(int(visible), int(recent), int(never), oldest)

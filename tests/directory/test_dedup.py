@@ -1,5 +1,5 @@
 """The deduplication rules alone: one change costs one fetch, and no value is
-suppressed for good (BRIEF §2, scenarios 3 and 4), including the race where a global
+suppressed for good (docs/design.md §8, scenarios 3 and 4), including the race where a global
 change arrives while a fetch that predates it is in flight."""
 
 from __future__ import annotations

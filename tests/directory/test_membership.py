@@ -1,6 +1,6 @@
 """The membership hooks on a real database: entries exist exactly for users in a
 visible room, event values never reach them, batches are set-based and replayable,
-and who can find whom follows room membership and publicity (BRIEF §2; scenarios 2,
+and who can find whom follows room membership and publicity (docs/design.md §2; scenarios 2,
 8 and 10 at the hook level)."""
 
 from __future__ import annotations

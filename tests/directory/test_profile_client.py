@@ -1,4 +1,4 @@
-"""Strict, bounded profile fetching (BRIEF scenarios 11 and 12).
+"""Strict, bounded profile fetching (docs/design.md §8, scenarios 11 and 12).
 
 A profile answer either is exactly what the spec allows (OK), a definitive "no"
 (404/403), a rate limit, a transient failure, or hostile (INVALID), and whatever the
@@ -186,7 +186,9 @@ def test_unrecognised_endpoint_is_our_homeserver_not_the_user(
     # A proxy or wrong HOMESERVER_URL says nothing about the user.
     homeserver.script(ALICE, error(404, "M_UNRECOGNIZED", "Unrecognized request"))
 
-    assert client.fetch(ALICE).outcome is Outcome.HOMESERVER
+    result = client.fetch(ALICE)
+    assert result.outcome is Outcome.HOMESERVER
+    assert "check HOMESERVER_URL" in (result.error or "")
 
 
 @pytest.mark.parametrize(
@@ -524,11 +526,20 @@ def test_token_is_never_logged(
 ) -> None:
     caplog.set_level("DEBUG")
     homeserver.script(ALICE, BAD_GATEWAY, Reply(401, {"errcode": "M_UNKNOWN_TOKEN"}))
-    client.fetch(ALICE)
-    client.fetch(ALICE)
-    client.fetch("@nobody:remote.test")
+    homeserver.script("@carol:remote.test", Reply(404, {"errcode": "M_UNRECOGNIZED"}))
+    users = (ALICE, ALICE, "@nobody:remote.test", "@carol:remote.test")
+    results = [client.fetch(user_id) for user_id in users]
 
-    assert caplog.records
+    # The client logs nothing itself: a fetch's one line is directory/fetching.py's,
+    # and carries the result's error, which never holds the token either.
+    assert not [r for r in caplog.records if r.name == "directory.profile_client"]
+    assert [r.outcome for r in results] == [
+        Outcome.TRANSIENT,
+        Outcome.HOMESERVER,
+        Outcome.NOT_FOUND,
+        Outcome.HOMESERVER,
+    ]
+    assert not [r.error for r in results if "as-secret" in (r.error or "")]
     assert "as-secret" not in caplog.text
 
 

@@ -6,7 +6,7 @@ of the term (case-insensitive, NFKC-folded, split at punctuation) must be a pref
 a word of the user id or the public display name; results rank exact id/localpart,
 exact name, id/localpart prefix, name prefix, then any other match, entries with a
 profile first within a tier, and a placeholder shows its user id as its name
-(BRIEF §3; scenarios 1, 2 and 10 at the search level). Hostile terms never fail.
+(docs/design.md §8: scenarios 1, 2 and 10 at the search level). Hostile terms never fail.
 On PostgreSQL the split, index-driven plan returns exactly what the single reference
 query defines, and the text match goes through the GIN index.
 """

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import secrets
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +76,8 @@ def _our_settings(settings: Settings, hs1: SynapseServer, port: int, reg: Appser
         # 10 s; keep retries quick so the test sees the backoff converge in seconds.
         fetch_read_timeout_seconds=15,
         max_fetch_attempts=30,
+        # JSON, so that the teardown also checks every line of every process parses.
+        log_format="json",
     )
 
 
@@ -80,6 +85,94 @@ def _our_processes(settings: Settings, tmp_path: Path) -> ProcessGroup:
     """Our processes' group (none started yet), logging under tmp_path/ours."""
     (tmp_path / "ours").mkdir()
     return ProcessGroup(settings, tmp_path / "ours")
+
+
+def _access_tokens(server: SynapseServer) -> dict[str, str]:
+    """Every access token the homeserver issued (users, the admin), by whose it is."""
+    database = server.workdir / "homeserver.db"
+    if not database.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT user_id, token FROM access_tokens").fetchall()
+    finally:
+        conn.close()
+    return {token: f"{user_id}'s access token" for user_id, token in rows}
+
+
+def _send_tokens_in_query_strings(
+    processes: ProcessGroup, url: str, settings: Settings, user_tokens: dict[str, str]
+) -> None:
+    """The legacy ways a token reaches us: the homeserver's hs_token and a user's access
+    token as `?access_token=`, which the access log must not print."""
+    if "server" not in processes.processes or processes.processes["server"].poll() is not None:
+        return
+    put = httpx.put(
+        f"{url}/_matrix/app/v1/transactions/log-check-{secrets.token_hex(4)}",
+        params={"access_token": settings.hs_token},
+        json={"events": []},
+        timeout=10,
+    )
+    assert put.status_code == 200, put.text
+    for token in list(user_tokens)[:1]:
+        search = httpx.post(
+            f"{url}/_matrix/client/v3/user_directory/search",
+            params={"access_token": token},
+            json={"search_term": "nobody"},
+            timeout=10,
+        )
+        assert search.status_code == 200, search.text
+
+
+def assert_no_secret_in_our_logs(logdir: Path, secrets_used: dict[str, str]) -> None:
+    """No line our processes wrote holds a token or secret the deployment used, and
+    every line is JSON (LOG_FORMAT=json)."""
+    found: list[str] = []
+    not_json: list[str] = []
+    logs = sorted(logdir.glob("*.log"))
+    assert logs, f"no logs under {logdir}"
+    for log in logs:
+        text = log.read_text(errors="replace")
+        lines = text.splitlines()
+        if not text.endswith("\n") and lines:
+            lines.pop()  # cut short by SIGKILL
+        for number, line in enumerate(lines, 1):
+            for secret, what in secrets_used.items():
+                if secret and secret in line:
+                    found.append(f"{log.name}:{number}: {what}")
+            try:
+                json.loads(line)
+            except ValueError:
+                not_json.append(f"{log.name}:{number}: {line[:200]!r}")
+    assert not found, "secrets in our logs:\n" + "\n".join(found)
+    assert not not_json, "lines that are not JSON:\n" + "\n".join(not_json[:20])
+
+
+def _check_our_logs(
+    processes: ProcessGroup | None,
+    url: str,
+    settings: Settings,
+    hs1: SynapseServer,
+    hs2: SynapseServer | None = None,
+) -> None:
+    """At teardown: tokens in query strings once more, then every line of our logs
+    searched for every token the deployment used (HS_TOKEN, AS_TOKEN, ADMIN_TOKEN, every
+    access token either homeserver issued)."""
+    if processes is None:
+        return
+    ours = _access_tokens(hs1)
+    issued = {**(_access_tokens(hs2) if hs2 is not None else {}), **ours}
+    try:
+        _send_tokens_in_query_strings(processes, url, settings, ours)
+    finally:
+        processes.kill_all()
+    used = {
+        settings.hs_token: "HS_TOKEN",
+        settings.as_token: "AS_TOKEN",
+        settings.admin_token: "ADMIN_TOKEN",
+        **issued,
+    }
+    assert_no_secret_in_our_logs(processes.logdir, used)
 
 
 def _start_ours(processes: ProcessGroup) -> None:
@@ -111,6 +204,7 @@ def federation(
     processes, url = _start(ours, db, tmp_path, (hs1, hs2), port)
     try:
         yield Deployment(hs1, hs2, processes, url, db)
+        _check_our_logs(processes, url, ours, hs1, hs2)
     finally:
         processes.kill_all()
         hs1.stop()
@@ -130,6 +224,7 @@ def single(
     processes, url = _start(ours, db, tmp_path, (hs,), port)
     try:
         yield Deployment(hs, None, processes, url, db)
+        _check_our_logs(processes, url, ours, hs)
     finally:
         processes.kill_all()
         hs.stop()
@@ -176,6 +271,8 @@ def late_registration(
     testbed = LateRegistration(hs1, hs2, reg, _our_settings(settings, hs1, port, reg), db, tmp_path)
     try:
         yield testbed
+        url = f"http://127.0.0.1:{testbed.settings.http_port}"
+        _check_our_logs(testbed.processes, url, testbed.settings, hs1, hs2)
     finally:
         if testbed.processes is not None:
             testbed.processes.kill_all()

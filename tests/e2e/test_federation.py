@@ -1,7 +1,8 @@
 """The seed scenario against real Synapse homeservers: our server, worker and beat as
 separate processes, registered as an appservice on hs1; remote users on hs2 reached
 over real federation. Per-room names must never be shown or found; public names,
-global renames, leaves and a dead remote must all converge (BRIEF §5: 1, 2, 4, 6, 7, 10)."""
+global renames, leaves and a dead remote must all converge (docs/design.md §8, scenarios
+1, 2, 4, 6, 7, 10)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_per_room_names_never_leak_across_federation(federation: Deployment) -> 
     assert pending(federation, alice.user_id) is None  # nobody applied it yet
     hs2.kill()
     federation.processes.start_worker("worker2")
-    wait_until(lambda: pending(federation, alice.user_id) is not None, 15, what="the trigger")
+    wait_until(lambda: pending(federation, alice.user_id) is not None, 60, what="the trigger")
     wait_until(
         lambda: (pending(federation, alice.user_id) or {}).get("attempts", 0) >= 2,
         30,

@@ -1,4 +1,4 @@
-"""Installed on a homeserver that already has rooms (BRIEF scenario 13): `python -m
+"""Installed on a homeserver that already has rooms (docs/design.md, scenario 13): `python -m
 directory bootstrap` lists every room, loads each through the workers and the inbox,
 and afterwards everyone a searcher may find is found with their public name, nobody by
 a per-room name. Durable and resumable (killing the CLI and the workers loses nothing,

@@ -1,5 +1,5 @@
 """The pipeline end to end: events in through the hooks, real Celery workers fetching
-public profiles from a real HTTP server, entries out through search (BRIEF §5,
+public profiles from a real HTTP server, entries out through search (docs/design.md §8,
 scenarios 1-7, 9, 11, 12). Each test runs real worker processes on the test database
 and a private Redis."""
 
