@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    true,
 )
 
 metadata = MetaData(
@@ -98,6 +99,10 @@ user_directory = Table(
     # The pending-fetch generation whose answer the entry shows: an older answer
     # arriving late (a fetch in flight across a leave and a rejoin) is not applied.
     Column("fetched_generation", BigInteger),
+    # False for users held but never returned by search (alembic 0007 says which);
+    # unlisted_reason says why.
+    Column("listed", Boolean, nullable=False, server_default=true()),
+    Column("unlisted_reason", String(32)),
     Index("ix_user_directory_refresh_due_ms", "refresh_due_ms"),
     Index("ix_user_directory_server_name", "server_name"),
 )
