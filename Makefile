@@ -51,7 +51,8 @@ beat: install redis
 	$(PY) beat.py
 
 flower: install redis
-	$(PY) -m celery -A tasks.app flower --address=$${FLOWER_HOST:-127.0.0.1} --port=$${FLOWER_PORT:-5555}
+	$(PY) -m celery -A tasks.app flower --address=$${FLOWER_HOST:-127.0.0.1} --port=$${FLOWER_PORT:-5555} \
+		$${FLOWER_BASIC_AUTH:+--basic-auth=$$FLOWER_BASIC_AUTH}
 
 # Benchmarks (bench/README.md): PostgreSQL on 127.0.0.1:5432, its own redis-server.
 # Sizes as flags, e.g. `make bench BENCH_ARGS=--quick`. Writes bench/results.json and .png.

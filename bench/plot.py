@@ -121,6 +121,8 @@ def _search(ax: Any, s: dict[str, Any] | None) -> None:
     xs = [lv["entries"] for lv in levels]
     ax.plot(xs, [lv["p50_ms"] for lv in levels], marker="o", label="p50")
     ax.plot(xs, [lv["p99_ms"] for lv in levels], marker="o", label="p99")
+    if all("infix" in lv for lv in levels):
+        ax.plot(xs, [lv["infix"]["p99_ms"] for lv in levels], marker="s", label="infix p99")
     ax.axhline(
         2 * levels[0]["p99_ms"],
         color=RED,

@@ -51,6 +51,9 @@ def _listing(found: operator.Explanation) -> str:
                 " (no local member in it)"
             )
         return "no: in no room we know"
+    if not entry.listed:
+        # The entry stays: their memberships still decide who shares a room.
+        return "no: held, but never returned by search (see unlisted)"
     how = (
         "yes, as a placeholder (the user id only, until their public profile is fetched)"
         if entry.is_placeholder
@@ -66,7 +69,7 @@ def _strangers(found: operator.Explanation) -> str:
     public = [room.room_id for room in found.public_rooms][:PUBLIC_ROOMS_NAMED]
     if len(found.public_rooms) > len(public):
         public.append(f"and {len(found.public_rooms) - len(public):,} more")
-    if entry is None:
+    if entry is None or not entry.listed:
         return "cannot find them (not listed)"
     if found.search_all_users:
         return "can find them: SEARCH_ALL_USERS is on"
@@ -84,7 +87,7 @@ def _strangers(found: operator.Explanation) -> str:
 
 def _room_mates(found: operator.Explanation) -> str:
     visible = found.visible_rooms
-    if found.entry is None:
+    if found.entry is None or not found.entry.listed:
         return "cannot find them (not listed)"
     if not visible:
         return "none: they share no room we can see with anyone"
@@ -133,6 +136,11 @@ def lines(found: operator.Explanation) -> list[str]:
     entry = found.entry
     out = [f"{found.user_id} ({'local' if found.is_local else 'remote'} user)"]
     out.append(f"  listed        {_listing(found)}")
+    if found.unlisted is not None:
+        out.append(f"  unlisted      {found.unlisted}")
+    if found.rules_now is not None:
+        now = found.rules_now or "listed"
+        out.append(f"  rules now     {now} (applied by the next listing sweep)")
     if entry is not None and not entry.is_placeholder:
         out.append(f"  display name  {entry.display_name or '(none in their public profile)'}")
         out.append(f"  avatar        {entry.avatar_url or '(none in their public profile)'}")

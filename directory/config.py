@@ -45,6 +45,29 @@ class Settings:
     admin_token: str = ""
     # Like Synapse's user_directory.search_all_users: every entry is visible to everyone.
     search_all_users: bool = False
+    # Like Synapse's user_directory.exclude_remote_users: searches return only users of
+    # SERVER_NAME.
+    exclude_remote_users: bool = False
+    # Like Synapse's user_directory.prefer_local_users: users of SERVER_NAME rank first
+    # within each match tier.
+    prefer_local_users: bool = False
+    # Each search statement on PostgreSQL is cancelled after this long (the API answers
+    # 503): a pathological term cannot hold a connection. 0 disables it.
+    search_statement_timeout_ms: int = 2000
+    # Who is listed (directory/listing.py). Our registration's sender_localpart: the
+    # appservice's own user, never listed.
+    sender_localpart: str = "userdirectory"
+    # The homeserver's other appservices' registration files (comma-separated): their
+    # senders and exclusive user namespaces are never listed, as Synapse does.
+    appservice_registration_files: str = ""
+    # Users never listed: regexes matched against the whole user id, one per line or
+    # comma-separated.
+    exclude_user_regexes: str = ""
+    # Locked local users (known through ADMIN_TOKEN) are listed all the same.
+    show_locked_users: bool = False
+    # How often beat judges every entry against the rules again (a worker also does
+    # at start, which is when a changed configuration takes effect).
+    listing_sweep_interval_seconds: float = 3600.0
 
     # At most this many profile requests in flight to one destination, across all
     # workers: polite to remote servers, and the fake servers in the benchmark answer
@@ -118,6 +141,21 @@ class Settings:
     # a rejected one is remembered only briefly (it may be brand new on the homeserver).
     token_cache_seconds: float = 60.0
     token_failure_cache_seconds: float = 1.0
+    # Searches with no token, a malformed one, or one the homeserver does not know
+    # (yet) are limited per client address before we ask the homeserver, so random
+    # tokens cannot make us call whoami at any rate: a bucket of this burst refilled
+    # at this rate (a verified token gives its token back). IPv6 clients count per /64.
+    search_unverified_rate_per_second: float = 1.0
+    search_unverified_rate_burst: int = 10
+    # The client address is the peer's, or the X-Forwarded-For of a peer listed here
+    # (uvicorn's forwarded_allow_ips: comma-separated addresses or networks, or "*").
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    # Like Synapse's user_directory.enabled: false answers every (authenticated)
+    # search with no results.
+    directory_enabled: bool = True
+    # The HTTP server's searches use a connection pool of their own, this size (no
+    # overflow), so slow searches never take the connections transactions need.
+    search_pool_size: int = 5
     # Largest appservice transaction body accepted (Synapse sends at most 100 events).
     max_transaction_bytes: int = 16 * 1024 * 1024
     # Processed transaction ids are remembered this long, to answer replays.
@@ -175,12 +213,29 @@ class Settings:
             raise ValueError("INGEST_BATCH_EVENTS must be at least 1")
         if self.max_fetch_attempts < 1:
             raise ValueError("MAX_FETCH_ATTEMPTS must be at least 1")
+        if self.search_statement_timeout_ms < 0:
+            raise ValueError("SEARCH_STATEMENT_TIMEOUT_MS must be 0 or more")
+        if self.search_pool_size < 1:
+            raise ValueError("SEARCH_POOL_SIZE must be at least 1")
+        if self.search_unverified_rate_per_second <= 0 or self.search_unverified_rate_burst < 1:
+            raise ValueError(
+                "SEARCH_UNVERIFIED_RATE_PER_SECOND and SEARCH_UNVERIFIED_RATE_BURST must be "
+                "positive"
+            )
         if self.bootstrap_concurrency < 1:
             raise ValueError("BOOTSTRAP_CONCURRENCY must be at least 1")
         if self.room_recheck_seconds <= 0 or self.room_recheck_batch < 1:
             raise ValueError("ROOM_RECHECK_SECONDS and ROOM_RECHECK_BATCH must be positive")
         if ":" in self.server_name and not self.server_name.rsplit(":", 1)[1].isdigit():
             raise ValueError(f"SERVER_NAME looks wrong: {self.server_name!r}")
+        if not self.sender_localpart or any(c in self.sender_localpart for c in ":@ "):
+            raise ValueError(f"SENDER_LOCALPART looks wrong: {self.sender_localpart!r}")
+        if self.listing_sweep_interval_seconds <= 0:
+            raise ValueError("LISTING_SWEEP_INTERVAL_SECONDS must be positive")
+        # Unreadable registration files and bad regexes stop every process at start.
+        from directory.listing import rules_for
+
+        rules_for(self)
 
 
 @lru_cache(maxsize=1)

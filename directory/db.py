@@ -26,7 +26,10 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, pool_timeout: float = 30.0
+) -> Engine:
+    """The pool sizes apply to PostgreSQL (the HTTP server's search pool is smaller)."""
     url = normalise_url(url)
     if is_sqlite(url):
         database = make_url(url).database
@@ -41,7 +44,13 @@ def make_engine(url: str) -> Engine:
         # writers never deadlock upgrading read locks.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+    )
     event.listen(engine, "connect", _send_lists_as_binary_arrays)
     return engine
 

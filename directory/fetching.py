@@ -17,6 +17,7 @@ destination off and end the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from directory.clock import now_ms
 from directory.config import Settings
 from directory.dedup import SeenState, after_fetch
 from directory.events import ProfileValue
+from directory.listing import ListingRules, rules_for
 from directory.locks import LockSet, Semaphore
 from directory.membership import next_refresh_ms
 from directory.profile_client import FetchResult, Outcome, ProfileClient
@@ -128,6 +130,21 @@ def _shown_profile(result: FetchResult) -> ProfileValue:
     return profile or ProfileValue(None, None)
 
 
+def _listing(
+    rules: ListingRules, user_id: str, result: FetchResult, target: entries.AnswerTarget
+) -> entries.Listing:
+    """The entry's listing after this answer. A profile that answered says what its
+    MSC4258 visibility is now (absent: no preference); a 404 or 403 says nothing about
+    it, so what an earlier answer said stands. Likewise the account's state, unless
+    the admin API answered this time."""
+    visibility = result.visibility if result.outcome is Outcome.OK else target.profile_visibility
+    account = target.account_status
+    if result.account is not None and result.account.known:
+        account = result.account.state
+    reason = rules.reason(user_id, visibility, account)
+    return entries.Listing(reason is None, reason, visibility, account)
+
+
 def log_fetch(claim: Claim, result: FetchResult, seconds: float) -> None:
     """The one line a fetch logs, whatever its outcome, with its parts as fields for
     JSON logs (LOG_FORMAT=json)."""
@@ -182,7 +199,11 @@ def _apply_answers(
     refresh_due = {
         user_id: next_refresh_ms(now, settings.profile_max_age_seconds) for user_id in profiles
     }
-    entries.apply_profiles(conn, profiles, now, refresh_due)
+    listing = {
+        claim.user_id: _listing(rules_for(settings), claim.user_id, result, targets[claim.user_id])
+        for claim, result in fresh
+    }
+    entries.apply_profiles(conn, profiles, now, refresh_due, listing)
     # Only an answer to the latest trigger judges the value that trigger saw; a newer
     # trigger keeps its row and gets its own fetch.
     latest = pending.current_generations(conn, [claim.user_id for claim, _ in fresh])
@@ -494,6 +515,7 @@ class DestinationRun:
             result = self.client.fetch(claim.user_id)
             count_fetch(tally, result, time.monotonic() - started)
             log_fetch(claim, result, time.monotonic() - started)
+            result = self._with_account(claim, result)
             if result.outcome is Outcome.HOMESERVER:
                 # Nothing is known about this user or their server: no attempt is
                 # counted and nobody is backed off; everyone waits for our homeserver.
@@ -520,6 +542,27 @@ class DestinationRun:
                 group, tally = [], Counter()
         turn.committer.submit(self._commit, group, turn, tally)
         return False
+
+    def _with_account(self, claim: Claim, result: FetchResult) -> FetchResult:
+        """A local user's answer, with what Synapse's admin API says of their account
+        (deactivated, support, locked: directory/listing.py) when ADMIN_TOKEN is set.
+        Asked whenever their profile is, so a refresh asks again; a failed lookup
+        leaves what an earlier one said."""
+        if (
+            not self.settings.admin_token
+            or claim.server_name != self.settings.server_name
+            or result.outcome not in ANSWERS
+        ):
+            return result
+        account = self.client.account(claim.user_id)
+        if not account.known:
+            logger.warning(
+                "could not ask the admin API about %s: %s",
+                claim.user_id,
+                account.error,
+                extra={"user_id": claim.user_id, "error": account.error},
+            )
+        return dataclasses.replace(result, account=account)
 
     def _commit(
         self,

@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from directory import jsoncodec
 from directory.clock import now_ms
 from directory.config import Settings
+from directory.listing import rules_for
 from directory.membership import BatchOutcome, process_events
 from directory.snapshots import SnapshotItem, apply_snapshots
 from directory.storage import bootstrap as bootstrap_store
@@ -126,6 +127,7 @@ def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool, wait: 
                     server_name=settings.server_name,
                     now_ms=now,
                     profile_max_age_seconds=settings.profile_max_age_seconds,
+                    listing=rules_for(settings),
                 )
                 if isolate_failures:
                     outcome.merge(_process_one_by_one(conn, events, process))
@@ -140,6 +142,7 @@ def _apply(engine: Engine, settings: Settings, *, isolate_failures: bool, wait: 
                     now_ms=now,
                     profile_max_age_seconds=settings.profile_max_age_seconds,
                     recheck_seconds=settings.room_recheck_seconds,
+                    listing=rules_for(settings),
                 )
                 if isolate_failures:
                     outcome.merge(_apply_snapshots_one_by_one(conn, snapshots, apply, now))

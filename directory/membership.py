@@ -31,6 +31,7 @@ from directory.events import (
     parse_event,
     server_name_of,
 )
+from directory.listing import ListingRules, configured_unlisted
 from directory.storage import entries, pending
 from directory.storage import rooms as room_store
 
@@ -85,12 +86,15 @@ def process_events(
     now_ms: int,
     profile_max_age_seconds: float,
     count_as_events: bool = True,
+    listing: ListingRules | None = None,
 ) -> BatchOutcome:
     """Apply one batch of events in the caller's transaction.
 
     `count_as_events`: bump the rooms' member-event counters (live events do; a room
     snapshot, which only restates the room as it is, does not, so that two snapshots
-    read between the same events are both current)."""
+    read between the same events are both current). `listing`: the rules new entries
+    are created unlisted by (without, they are created listed until the next sweep,
+    directory/listing.py)."""
     outcome = BatchOutcome(events=len(raw_events))
     members: list[MemberEvent] = []
     join_rules: dict[str, str | None] = {}
@@ -164,6 +168,7 @@ def process_events(
         changes,
         now_ms=now_ms,
         profile_max_age_seconds=profile_max_age_seconds,
+        listing=listing,
     )
     outcome.created, outcome.deleted = created, deleted
     pending.queue(conn, to_fetch, "event", now_ms)
@@ -199,6 +204,7 @@ def reconcile_users(
     *,
     now_ms: int,
     profile_max_age_seconds: float,
+    listing: ListingRules | None = None,
 ) -> tuple[set[str], int, int]:
     """Bring the entries of `affected` users in line with their memberships.
 
@@ -230,6 +236,7 @@ def reconcile_users(
         now_ms,
         next_refresh_ms(now_ms, profile_max_age_seconds),
         in_public_room={user_id for user_id in new_users if public_flags[user_id]},
+        unlisted=configured_unlisted(listing, sorted(new_users)) if listing else None,
     )
     entries.save_seen(conn, {u: states[u] for u in changed - new_users})
     # Every visible user, the new ones included: a concurrent writer (a backfill) may

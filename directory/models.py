@@ -99,10 +99,14 @@ user_directory = Table(
     # The pending-fetch generation whose answer the entry shows: an older answer
     # arriving late (a fetch in flight across a leave and a rejoin) is not applied.
     Column("fetched_generation", BigInteger),
-    # False for users held but never returned by search (alembic 0007 says which);
-    # unlisted_reason says why.
+    # False for users held but never returned by search (directory/listing.py says
+    # which); unlisted_reason says why. profile_visibility (MSC4258) and account_status
+    # (Synapse's admin API) are what fetches learnt that may unlist the user, kept so
+    # the listing can be judged again when the configuration changes.
     Column("listed", Boolean, nullable=False, server_default=true()),
     Column("unlisted_reason", String(32)),
+    Column("profile_visibility", String(32)),
+    Column("account_status", String(16)),
     Index("ix_user_directory_refresh_due_ms", "refresh_due_ms"),
     Index("ix_user_directory_server_name", "server_name"),
 )

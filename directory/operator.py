@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection
 
+from directory import listing
 from directory.config import Settings
 from directory.events import server_name_of
 from directory.membership import BatchOutcome, process_events
@@ -222,6 +223,11 @@ class Explanation:
     pending: PendingView | None
     destination: DestinationView
     search_all_users: bool
+    # Why search never returns the entry, in words (None: it is listed, or no entry).
+    unlisted: str | None = None
+    # The current rules judge the entry otherwise than it is stored: their reason in
+    # words ("" for listed); the next sweep (a worker's start, beat) writes it.
+    rules_now: str | None = None
 
     @property
     def known(self) -> bool:
@@ -238,12 +244,17 @@ class Explanation:
 
     @property
     def strangers_can_find(self) -> bool:
-        """As the search decides: the entry's in_public_room flag, or SEARCH_ALL_USERS."""
-        return self.entry is not None and (self.search_all_users or self.entry.in_public_room)
+        """As the search decides: a listed entry's in_public_room flag, or
+        SEARCH_ALL_USERS."""
+        return (
+            self.entry is not None
+            and self.entry.listed
+            and (self.search_all_users or self.entry.in_public_room)
+        )
 
     @property
     def room_mates_can_find(self) -> bool:
-        return self.entry is not None and bool(self.visible_rooms)
+        return self.entry is not None and self.entry.listed and bool(self.visible_rooms)
 
 
 def explain(conn: Connection, settings: Settings, user_id: str, now_ms: int) -> Explanation:
@@ -264,10 +275,24 @@ def explain(conn: Connection, settings: Settings, user_id: str, now_ms: int) -> 
     backoff_left = None
     if health is not None and health.retry_after_ms is not None and health.retry_after_ms > now_ms:
         backoff_left = (health.retry_after_ms - now_ms) / 1000
+    entry = entries.public_entry(conn, user_id)
+    unlisted = rules_now = None
+    if entry is not None:
+        rules = listing.rules_for(settings)
+        facts = (entry.profile_visibility, entry.account_status)
+        if entry.unlisted_reason is not None:
+            unlisted = listing.describe(rules, user_id, entry.unlisted_reason, *facts)
+        now_reason = rules.reason(user_id, *facts)
+        if now_reason != entry.unlisted_reason:
+            rules_now = (
+                "" if now_reason is None else listing.describe(rules, user_id, now_reason, *facts)
+            )
     return Explanation(
         user_id=user_id,
         is_local=server == settings.server_name,
-        entry=entries.public_entry(conn, user_id),
+        entry=entry,
+        unlisted=unlisted,
+        rules_now=rules_now,
         rooms=room_store.rooms_of_member(conn, user_id),
         pending=pending_view,
         destination=DestinationView(

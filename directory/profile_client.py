@@ -34,6 +34,7 @@ from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponen
 
 from directory.config import Settings
 from directory.events import ProfileValue
+from directory.listing import account_state, profile_visibility
 from directory.matrix_http import matrix_errcode, retry_after_seconds
 from directory.text import (
     MAX_AVATAR_URL_LENGTH,
@@ -45,6 +46,7 @@ from directory.text import (
 logger = logging.getLogger(__name__)
 
 PROFILE_PATH = "/_matrix/client/v3/profile/"
+ADMIN_USER_PATH = "/_synapse/admin/v2/users/"
 # Quick retries live inside one task, so their waits stay short whatever the setting.
 QUICK_RETRY_MAX_WAIT_SECONDS = 4.0
 MAX_ERROR_LENGTH = 200
@@ -72,6 +74,21 @@ class FetchResult:
     retry_after_seconds: float | None = None
     # The HTTP status of the answer judged (None: no answer, e.g. a timeout).
     status: int | None = None
+    # The profile's MSC4258 m.user_directory.visibility, if a known value (OK only).
+    visibility: str | None = None
+    # For a local user with ADMIN_TOKEN set, what Synapse's admin API said of the
+    # account (directory/fetching.py asks); None: not asked.
+    account: AccountLookup | None = None
+
+
+@dataclass(frozen=True)
+class AccountLookup:
+    """GET /_synapse/admin/v2/users/<user_id>: `state` is "deactivated", "support",
+    "locked" or None (a normal account) when `known`; otherwise `error` says why not."""
+
+    known: bool
+    state: str | None = None
+    error: str | None = None
 
 
 def _result(
@@ -80,11 +97,16 @@ def _result(
     *,
     profile: ProfileValue | None = None,
     retry_after_seconds: float | None = None,
+    visibility: str | None = None,
 ) -> FetchResult:
     if error is not None and len(error) > MAX_ERROR_LENGTH:
         error = error[: MAX_ERROR_LENGTH - 3] + "..."
     return FetchResult(
-        outcome=outcome, profile=profile, error=error, retry_after_seconds=retry_after_seconds
+        outcome=outcome,
+        profile=profile,
+        error=error,
+        retry_after_seconds=retry_after_seconds,
+        visibility=visibility,
     )
 
 
@@ -132,7 +154,9 @@ def parse_profile(body: bytes) -> FetchResult:
     profile = ProfileValue(
         displayname=clean_displayname(displayname), avatar_url=clean_avatar_url(avatar_url)
     )
-    return _result(Outcome.OK, profile=profile)
+    # An extended profile field (MSC4133) in the same answer; an unknown value or type
+    # is no preference (directory/listing.py).
+    return _result(Outcome.OK, profile=profile, visibility=profile_visibility(data))
 
 
 class ProfileClient:
@@ -271,9 +295,57 @@ class ProfileClient:
             self._discard(conn)
             return _result(Outcome.TRANSIENT, f"{type(exc).__name__}: {exc}")
 
-    def _send(self, conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
-        conn.request("GET", path, headers=self._headers)
+    def _send(
+        self,
+        conn: http.client.HTTPConnection,
+        path: str,
+        headers: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
+        conn.request("GET", path, headers=headers or self._headers)
         return conn.getresponse()
+
+    def account(self, user_id: str) -> AccountLookup:
+        """What Synapse's admin API says of a local user's account, with ADMIN_TOKEN:
+        one attempt, on the same connection as profiles; a failure is not known."""
+        if not self._settings.admin_token:
+            return AccountLookup(False, error="ADMIN_TOKEN is not set")
+        path = self._base_path + ADMIN_USER_PATH + urllib.parse.quote(user_id, safe="")
+        headers = {**self._headers, "Authorization": f"Bearer {self._settings.admin_token}"}
+        deadline = time.monotonic() + self._attempt_seconds
+        conn: http.client.HTTPConnection | None = None
+        try:
+            conn, reused = self._connect()
+            try:
+                response = self._send(conn, path, headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                conn.close()
+                conn, _ = self._connect()
+                response = self._send(conn, path, headers)
+            try:
+                body = self._read_capped(response, deadline)
+            except (_BodyTooLarge, _DeadlineExceeded):
+                conn.close()
+                return AccountLookup(False, error="the admin API's answer is too large or slow")
+            if not response.isclosed() or response.will_close:
+                conn.close()
+        except _CannotConnect as exc:
+            return AccountLookup(False, error=str(exc))
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            self._discard(conn)
+            return AccountLookup(False, error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH])
+        if response.status != 200:
+            errcode = matrix_errcode(body)
+            detail = f"HTTP {response.status}" + (f" {errcode}" if errcode else "")
+            return AccountLookup(False, error=f"admin API: {detail}")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return AccountLookup(False, error="admin API: the answer is not JSON")
+        if not isinstance(data, dict):
+            return AccountLookup(False, error="admin API: the answer is not an object")
+        return AccountLookup(True, account_state(data))
 
     @staticmethod
     def _discard(conn: http.client.HTTPConnection | None) -> None:

@@ -29,6 +29,8 @@ class Registration:
             url=url or f"http://{settings.http_host}:{settings.http_port}",
             as_token=settings.as_token or secrets.token_urlsafe(32),
             hs_token=settings.hs_token or secrets.token_urlsafe(32),
+            # The same user the listing rules keep out of search (directory/listing.py).
+            sender_localpart=settings.sender_localpart,
         )
 
     def yaml(self) -> str:
@@ -62,6 +64,8 @@ class Registration:
             f"SERVER_NAME={settings.server_name}",
             f"HOMESERVER_URL={settings.homeserver_url}",
         ]
+        if self.sender_localpart != "userdirectory":
+            lines.append(f"SENDER_LOCALPART={self.sender_localpart}")
         if port is not None:
             lines.append(f"HTTP_PORT={port}")
         return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from sqlalchemy import Connection
 
 from directory.events import ProfileValue
 from directory.homeserver import RoomSnapshot
+from directory.listing import ListingRules
 from directory.membership import BatchOutcome, process_events
 from directory.storage import bootstrap as bootstrap_store
 from directory.storage import counters
@@ -136,6 +137,7 @@ def apply_snapshots(
     now_ms: int,
     profile_max_age_seconds: float,
     recheck_seconds: float,
+    listing: ListingRules | None = None,
 ) -> BatchOutcome:
     """Apply consecutive snapshot items of the inbox, in the consumer's transaction."""
     outcome = BatchOutcome()
@@ -150,6 +152,7 @@ def apply_snapshots(
                 now_ms=now_ms,
                 profile_max_age_seconds=profile_max_age_seconds,
                 recheck_seconds=recheck_seconds,
+                listing=listing,
             )
         )
     counters.add(conn, {REPAIRS_PREFIX + kind: n for kind, n in applied.repairs.items()})
@@ -181,6 +184,7 @@ def _apply_group(
     now_ms: int,
     profile_max_age_seconds: float,
     recheck_seconds: float,
+    listing: ListingRules | None = None,
 ) -> BatchOutcome:
     room_ids = {item.room_id for item in items}
     # Locked until commit, in room order, like every batch of events.
@@ -223,6 +227,7 @@ def _apply_group(
             now_ms=now_ms,
             profile_max_age_seconds=profile_max_age_seconds,
             count_as_events=False,
+            listing=listing,
         )
     )
     # A full snapshot answers whatever the room waited for (its backfill, its check),

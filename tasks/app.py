@@ -145,3 +145,10 @@ def rebuild_queue_on_start(**_kwargs: object) -> None:
         start_on_empty_database()
     except Exception:
         logger.exception("worker start: could not check whether a bootstrap is needed")
+    try:
+        # A changed configuration of who is listed reaches the entries already held.
+        from tasks.maintenance import apply_listing_rules
+
+        apply_listing_rules.delay()
+    except Exception:
+        logger.exception("worker start: could not queue the listing rules; beat will")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from directory import maintenance
+from directory import listing, maintenance
 from directory.clock import now_ms
 from directory.snapshots import RECONCILE
 from directory.storage import inbox, transactions
@@ -54,3 +54,24 @@ def recheck_rooms() -> int:
     with resources.engine.begin() as conn:
         rooms = maintenance.take_rooms_to_recheck(conn, resources.settings, now_ms())
     return publish_backfills(rooms, purpose=RECONCILE)
+
+
+@app.task(name="tasks.maintenance.apply_listing_rules")
+def apply_listing_rules() -> int:
+    """Judge every entry against the listing rules again (directory/listing.py), a
+    batch per transaction, so a changed configuration (sender, other appservices'
+    namespaces, EXCLUDE_USER_REGEXES, SHOW_LOCKED_USERS) reaches the entries already
+    held. Run when a worker starts and on beat's schedule; only changes are written."""
+    resources = get_resources()
+    rules = listing.rules_for(resources.settings)
+    after: str | None = None
+    changed = 0
+    while True:
+        with resources.engine.begin() as conn:
+            after, n = listing.reevaluate(conn, rules, after)
+        changed += n
+        if after is None:
+            break
+    if changed:
+        logger.info("listing rules: %d entries changed listing", changed)
+    return changed

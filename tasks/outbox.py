@@ -258,16 +258,33 @@ def follow_up_key(server_name: str) -> str:
     return f"ud:dest:{server_name}:follow-up"
 
 
+# Sets the follow-up mark to the new due time (ms) unless a follow-up is marked for no
+# later than it already; 1 when the caller should schedule the run.
+_MARK_FOLLOW_UP = """
+local marked = tonumber(redis.call('get', KEYS[1]))
+if marked and marked <= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+return 1
+"""
+
+
 def _schedule_fetch(server_name: str, in_seconds: float) -> int:
     """One fetch run for the destination in `in_seconds`, unless one is scheduled for
-    then already (several runs stopping together schedule one follow-up)."""
+    then or earlier already (several runs stopping together schedule one follow-up; an
+    earlier retry still gets its own)."""
     in_seconds = max(0.0, in_seconds)
     try:
         # The mark ends a moment before the run starts, so that run (whose own end may
         # schedule the next follow-up) never finds it still set.
-        key = follow_up_key(server_name)
-        ttl_ms = max(1, int(in_seconds * 1000) - FOLLOW_UP_MARK_MARGIN_MS)
-        if not get_resources().redis.set(key, 1, nx=True, px=ttl_ms):
+        # (A run within the margin is not marked: at most one per stopping run.)
+        ttl_ms = int(in_seconds * 1000) - FOLLOW_UP_MARK_MARGIN_MS
+        due_ms = now_ms() + int(in_seconds * 1000)
+        redis = get_resources().redis
+        if ttl_ms > 0 and not redis.eval(
+            _MARK_FOLLOW_UP, 1, follow_up_key(server_name), due_ms, ttl_ms
+        ):
             return 0
         app.send_task(FETCH_TASK, args=(server_name,), queue=FETCH_QUEUE, countdown=in_seconds)
         return 1

@@ -46,6 +46,9 @@ def build_schedule() -> dict[str, dict]:
         "recheck-rooms": entry(
             "tasks.maintenance.recheck_rooms", settings.room_recheck_interval_seconds
         ),
+        "apply-listing-rules": entry(
+            "tasks.maintenance.apply_listing_rules", settings.listing_sweep_interval_seconds
+        ),
     }
 
 

@@ -53,7 +53,7 @@ def test_events_over_http_become_searchable_public_profiles(
                         headers={"Authorization": "Bearer bob-token"},
                     )
                     results = response.json()["results"]
-                    return results[0]["display_name"] if results else None
+                    return results[0].get("display_name") if results else None
 
                 # Applied by the worker moments after the 200: first the placeholder (or
                 # already the public name), never the per-room "Pubby".

@@ -6,13 +6,17 @@ A transaction is only accepted here (stored durably in the inbox, directory/inge
 the workers apply it. The app does not publish Celery tasks itself (the domain never
 imports Celery): the entry point hands it a `wake` callable, run after the answer to
 each accepted transaction.
+
+Every answer is Matrix JSON with an errcode, whatever the input: bodies and tokens are
+checked before use (directory/api/body.py, auth.py), a database failure is a 503 and
+anything unforeseen a JSON 500 (errors.LastResort).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import math
+import re
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,9 +33,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from directory.api.auth import TokenVerifier
+from directory.api.auth import TokenVerifier, address_key
 from directory.api.body import bearer_token, read_json_object
-from directory.api.errors import MatrixError
+from directory.api.errors import (
+    LastResort,
+    MatrixError,
+    database_unavailable,
+    describe_database_error,
+    is_database_unavailable,
+    limit_exceeded,
+)
 from directory.api.health import HomeserverProbe
 from directory.api.metrics import Metrics
 from directory.api.ratelimit import RateLimiter
@@ -45,6 +56,39 @@ logger = logging.getLogger(__name__)
 
 MAX_TXN_ID_LENGTH = 255
 MAX_SEARCH_BODY_BYTES = 64 * 1024
+DEFAULT_SEARCH_LIMIT = 10
+# Control characters and lone surrogates: no stored name or id holds one (directory/
+# text.py), and a NUL or a surrogate cannot even be sent to PostgreSQL.
+_UNSEARCHABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def parse_limit(body: dict[str, Any], maximum: int) -> int:
+    """`limit` as Synapse reads it (`int(body.get("limit", 10))`, clamped to 0..50):
+    10, "10", 10.0 and 10.9 are 10; 2**70 is the maximum, -1 is 0. Unlike Synapse, a
+    value int() cannot take (null, "abc", "1.5", [], {}, Infinity from 1e309, NaN) is a
+    400 M_INVALID_PARAM, not an internal error, and so is a boolean: Synapse takes true
+    as 1 only because Python's bool is an int; no client means a limit by it."""
+    value = body.get("limit", DEFAULT_SEARCH_LIMIT)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise MatrixError(400, "M_INVALID_PARAM", "limit must be an integer")
+    try:
+        number = int(value)
+    except (ValueError, OverflowError) as exc:
+        raise MatrixError(400, "M_INVALID_PARAM", "limit must be an integer") from exc
+    return max(0, min(number, maximum))
+
+
+def parse_search_term(body: dict[str, Any]) -> str:
+    """`search_term`, required, a string. Synapse answers a missing one with 400
+    M_UNKNOWN and passes any other JSON value on to its search; here missing is 400
+    M_MISSING_PARAM and a non-string 400 M_INVALID_PARAM. Control characters and lone
+    surrogates separate words like spaces (no entry can contain them)."""
+    if "search_term" not in body:
+        raise MatrixError(400, "M_MISSING_PARAM", "search_term is required")
+    term = body["search_term"]
+    if not isinstance(term, str):
+        raise MatrixError(400, "M_INVALID_PARAM", "search_term must be a string")
+    return _UNSEARCHABLE.sub(" ", term)
 
 
 def create_app(
@@ -53,8 +97,17 @@ def create_app(
     redis_client: aioredis.Redis,
     wake: Wake,
     verifier: TokenVerifier | None = None,
+    search_engine: Engine | None = None,
 ) -> Starlette:
-    verifier = verifier or TokenVerifier(settings)
+    """`search_engine`: the pool searches use (server.py gives them one of their own,
+    SEARCH_POOL_SIZE); `engine` when not given."""
+    search_engine = search_engine or engine
+    unverified = RateLimiter(
+        redis_client,
+        settings.search_unverified_rate_per_second,
+        settings.search_unverified_rate_burst,
+    )
+    verifier = verifier or TokenVerifier(settings, limiter=unverified)
     probe = HomeserverProbe(settings)
     limiter = RateLimiter(redis_client, settings.search_rate_per_second, settings.search_rate_burst)
     metrics = Metrics()
@@ -97,13 +150,27 @@ def create_app(
         raise MatrixError(404, "M_NOT_FOUND", "This appservice provides no users or rooms")
 
     def run_search(searcher: str, term: str, limit: int) -> dict[str, Any]:
-        with engine.connect() as conn:
+        # limit 0 is searched too: `limited` says whether anything matched.
+        with search_engine.connect() as conn:
             result = search_directory(
-                conn, searcher, term, limit, search_all_users=settings.search_all_users
+                conn,
+                searcher,
+                term,
+                limit,
+                search_all_users=settings.search_all_users,
+                exclude_remote_users=settings.exclude_remote_users,
+                prefer_local_users=settings.prefer_local_users,
+                server_name=settings.server_name,
+                statement_timeout_ms=settings.search_statement_timeout_ms,
             )
         hits = []
         for hit in result.results:
-            item: dict[str, Any] = {"user_id": hit.user_id, "display_name": hit.display_name}
+            item: dict[str, Any] = {"user_id": hit.user_id}
+            # A placeholder entry (no public profile) has no display_name: the client
+            # shows the user id. Placeholders come as None or as the user id itself.
+            name = hit.display_name
+            if isinstance(name, str) and name and name != hit.user_id:
+                item["display_name"] = name
             if hit.avatar_url is not None:
                 item["avatar_url"] = hit.avatar_url
             hits.append(item)
@@ -120,8 +187,14 @@ def create_app(
         except MatrixError as exc:
             status = str(exc.status)
             raise
-        except Exception:
-            status = "500"  # answered by Starlette's ServerErrorMiddleware
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                # An outage or a statement timeout, not a bug: 503, one log line.
+                logger.warning("search: database unavailable (%s)", describe_database_error(exc))
+                error = database_unavailable(exc)
+                status = str(error.status)
+                raise error from exc
+            status = "500"  # answered by errors.LastResort
             raise
         finally:
             if status is not None:
@@ -129,24 +202,21 @@ def create_app(
 
     async def answer_search(request: Request) -> Response:
         started = time.perf_counter()
-        searcher = await verifier.user_for(bearer_token(request))
+        # Behind a reverse proxy, uvicorn has put X-Forwarded-For here (server.py).
+        address = address_key(request.client.host if request.client else None)
+        requester = await verifier.requester_for(bearer_token(request), address)
+        if requester.is_guest:
+            raise MatrixError(403, "M_GUEST_ACCESS_FORBIDDEN", "Guest access not allowed")
+        searcher = requester.user_id
         wait = await limiter.take(f"search:{searcher}")
         if wait is not None:
-            raise MatrixError(
-                429,
-                "M_LIMIT_EXCEEDED",
-                "Too many requests",
-                headers={"Retry-After": str(math.ceil(wait))},
-                retry_after_ms=int(wait * 1000),
-            )
-        body = await read_json_object(request, MAX_SEARCH_BODY_BYTES)
-        term = body.get("search_term")
-        if not isinstance(term, str):
-            raise MatrixError(400, "M_BAD_JSON", "search_term must be a string")
-        limit = body.get("limit", 10)
-        if not isinstance(limit, int) or isinstance(limit, bool):
-            raise MatrixError(400, "M_BAD_JSON", "limit must be an integer")
-        limit = max(0, min(limit, settings.search_max_limit))
+            raise limit_exceeded(wait)
+        if not settings.directory_enabled:
+            # As Synapse with user_directory.enabled false: after auth, body unread.
+            return JSONResponse({"results": [], "limited": False})
+        body = await read_json_object(request, MAX_SEARCH_BODY_BYTES, strict=True)
+        limit = parse_limit(body, settings.search_max_limit)
+        term = parse_search_term(body)
         answer = await run_in_threadpool(run_search, searcher, term, limit)
         metrics.search_seconds.observe(time.perf_counter() - started)
         return JSONResponse(answer)
@@ -221,13 +291,15 @@ def create_app(
         routes=routes,
         # Browser clients (Element Web) call search from another origin, as they do
         # the homeserver's own endpoints.
+        # LastResort inside CORS, so that its answers carry the CORS headers too.
         middleware=[
             Middleware(
                 CORSMiddleware,
                 allow_origins=["*"],
                 allow_methods=["GET", "POST", "PUT", "OPTIONS"],
                 allow_headers=["Authorization", "Content-Type", "X-Requested-With"],
-            )
+            ),
+            Middleware(LastResort),
         ],
         exception_handlers={MatrixError: matrix_error, 404: not_found, 405: method_not_allowed},
         lifespan=lifespan,

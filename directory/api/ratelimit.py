@@ -1,4 +1,5 @@
-"""A per-user token bucket in Redis, shared by every server process.
+"""Token buckets in Redis, shared by every server process: one per searching user, and
+one per client address for requests not yet authenticated (directory/api/auth.py).
 
 If Redis is unreachable the request is allowed: rate limiting protects the database,
 and refusing every search because Redis blinked would be worse.
@@ -36,6 +37,16 @@ redis.call('pexpire', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return {allowed, wait}
 """
 
+# Returns one token taken by _TAKE (the bucket never exceeds its burst).
+_GIVE_BACK = """
+local burst = tonumber(ARGV[1])
+local tokens = tonumber(redis.call('hget', KEYS[1], 'tokens'))
+if tokens then
+  redis.call('hset', KEYS[1], 'tokens', math.min(burst, tokens + 1))
+end
+return 0
+"""
+
 
 class RateLimiter:
     def __init__(self, client: aioredis.Redis, rate_per_second: float, burst: int) -> None:
@@ -53,3 +64,11 @@ class RateLimiter:
             logger.warning("rate limiter: Redis unreachable, allowing", exc_info=True)
             return None
         return None if allowed else max(int(wait_ms), 1) / 1000
+
+    async def give_back(self, key: str) -> None:
+        """Return the token a `take` of `key` took (the request turned out to be one
+        this bucket is not meant to limit)."""
+        try:
+            await self.client.eval(_GIVE_BACK, 1, f"ud:rl:{key}", self.burst)
+        except RedisError:
+            logger.warning("rate limiter: Redis unreachable, token not given back")

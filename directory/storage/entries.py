@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -108,6 +108,8 @@ _PLACEHOLDER_COLUMNS = (
     "seen_checks",
     "seen_checked_at_ms",
     "fetched_generation",
+    "listed",
+    "unlisted_reason",
 )
 
 
@@ -130,14 +132,17 @@ def create_placeholders(
     now_ms: int,
     refresh_due_ms: int,
     in_public_room: Collection[str] = (),
+    unlisted: Mapping[str, str] | None = None,
 ) -> None:
     """New entries showing nothing but the user id, until the public profile is fetched.
-    `in_public_room`: those of these users who share a public room.
+    `in_public_room`: those of these users who share a public room; `unlisted`: those
+    the configuration keeps out of search results, with why (directory/listing.py).
 
     Each entry starts at a fresh generation: a fetch claimed before it existed (for an
     earlier entry of the same user, who left and came back) answers an older
     generation, and so cannot write to it or count against it."""
     users = sorted(states)
+    unlisted = unlisted or {}
     floors = dict(zip(users, pending.allocate_generations(conn, len(users)), strict=True))
     rows = []
     for user_id in users:
@@ -151,6 +156,8 @@ def create_placeholders(
             "search_words": keys["search_words"],
             "localpart_key": keys["localpart_key"],
             "fetched_generation": floors[user_id],
+            "listed": user_id not in unlisted,
+            "unlisted_reason": unlisted.get(user_id),
             **_seen_columns(states[user_id]),
         }
         rows.append(tuple(row[name] for name in _PLACEHOLDER_COLUMNS))
@@ -223,6 +230,9 @@ class AnswerTarget:
     seen: SeenState
     # Answers of this generation or older are not applied (see create_placeholders).
     fetched_generation: int | None
+    # What earlier fetches learnt for the listing (kept when an answer says nothing new).
+    profile_visibility: str | None = None
+    account_status: str | None = None
 
 
 def answer_targets(conn: Connection, user_ids: Collection[str]) -> dict[str, AnswerTarget]:
@@ -232,13 +242,13 @@ def answer_targets(conn: Connection, user_ids: Collection[str]) -> dict[str, Ans
     d = user_directory.c
     found: dict[str, AnswerTarget] = {}
     for batch in id_batches(conn, user_ids):
-        query = select(d.user_id, d.fetched_generation, *_SEEN_COLUMNS).where(
-            any_of(conn, d.user_id, batch)
-        )
+        query = select(
+            d.user_id, d.fetched_generation, d.profile_visibility, d.account_status, *_SEEN_COLUMNS
+        ).where(any_of(conn, d.user_id, batch))
         # One order for every locker, so two committers cannot wait on each other.
         rows = conn.execute(query.order_by(d.user_id).with_for_update())
-        for user_id, generation, *seen in rows:
-            found[user_id] = AnswerTarget(_seen_state(*seen), generation)
+        for user_id, generation, visibility, account, *seen in rows:
+            found[user_id] = AnswerTarget(_seen_state(*seen), generation, visibility, account)
     return found
 
 
@@ -247,9 +257,11 @@ def apply_profiles(
     profiles: dict[str, tuple[ProfileValue, int]],
     now_ms: int,
     refresh_due_ms: dict[str, int],
+    listing: Mapping[str, Listing] | None = None,
 ) -> None:
     """Store fetched public profiles, each with the generation it answers, in one
-    statement for all of them.
+    statement for all of them; with `listing`, each entry's listing too (one for
+    every profile).
 
     The WHERE on user_id is the race guard: an answer for a user who left every visible
     room touches no row and so cannot bring the entry back. Callers lock the entries
@@ -264,10 +276,65 @@ def apply_profiles(
             "fetched_generation": generation,
             "refresh_due_ms": refresh_due_ms[user_id],
             **entry_keys(user_id, profile.displayname),
+            **(listing[user_id].columns() if listing is not None else {}),
         }
         for user_id, (profile, generation) in sorted(profiles.items())
     ]
     _update_entries(conn, rows)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Whether search may return an entry, why not, and the facts fetches brought
+    that decide it (directory/listing.py)."""
+
+    listed: bool
+    unlisted_reason: str | None
+    profile_visibility: str | None
+    account_status: str | None
+
+    def columns(self) -> dict[str, object]:
+        return {
+            "listed": self.listed,
+            "unlisted_reason": self.unlisted_reason,
+            "profile_visibility": self.profile_visibility,
+            "account_status": self.account_status,
+        }
+
+
+@dataclass(frozen=True)
+class ListingRow:
+    user_id: str
+    listed: bool
+    unlisted_reason: str | None
+    profile_visibility: str | None
+    account_status: str | None
+
+
+def listing_rows(conn: Connection, after: str | None, limit: int) -> list[ListingRow]:
+    """The next `limit` entries after user id `after`, in user id order, locked (FOR
+    UPDATE on PostgreSQL, in the same order as answer_targets; SQLite's write
+    transaction excludes other writers) so a fetch landing meanwhile is not undone."""
+    d = user_directory.c
+    query = select(d.user_id, d.listed, d.unlisted_reason, d.profile_visibility, d.account_status)
+    if after is not None:
+        query = query.where(d.user_id > after)
+    rows = conn.execute(query.order_by(d.user_id).limit(limit).with_for_update())
+    return [
+        ListingRow(user_id, bool(listed), reason, visibility, account)
+        for user_id, listed, reason, visibility, account in rows
+    ]
+
+
+def set_listing(conn: Connection, reasons: Mapping[str, str | None]) -> None:
+    """Set each entry's listing: unlisted with the reason given, listed for None."""
+    update_rows(
+        conn,
+        user_directory,
+        "user_id",
+        ("listed", "unlisted_reason"),
+        [(user_id, reason is None, reason) for user_id, reason in sorted(reasons.items())],
+    )
 
 
 def due_for_refresh(conn: Connection, now_ms: int, limit: int) -> list[str]:
@@ -310,6 +377,12 @@ class PublicEntry:
     in_public_room: bool
     created_at_ms: int
     refresh_due_ms: int
+    # Search returns only listed entries; unlisted_reason says why not
+    # (directory/listing.py), profile_visibility and account_status what fetches said.
+    listed: bool = True
+    unlisted_reason: str | None = None
+    profile_visibility: str | None = None
+    account_status: str | None = None
 
     @property
     def is_placeholder(self) -> bool:
@@ -328,12 +401,16 @@ def public_entry(conn: Connection, user_id: str) -> PublicEntry | None:
             d.in_public_room,
             d.created_at_ms,
             d.refresh_due_ms,
+            d.listed,
+            d.unlisted_reason,
+            d.profile_visibility,
+            d.account_status,
         ).where(d.user_id == user_id)
     ).one_or_none()
     if row is None:
         return None
     entry = PublicEntry(*row)
-    entry = replace(entry, in_public_room=bool(entry.in_public_room))
+    entry = replace(entry, in_public_room=bool(entry.in_public_room), listed=bool(entry.listed))
     if entry.is_placeholder:
         # Only a fetch writes these; a placeholder shows the user id alone.
         entry = replace(entry, display_name=None, avatar_url=None)

@@ -1,14 +1,17 @@
 """Directory search on a real database: who can find whom, and what a term finds.
 
-A searcher finds an entry only if its user is joined to a visible public room, or
-shares a visible room with the searcher, or the server searches all users. Every word
-of the term (case-insensitive, NFKC-folded, split at punctuation) must be a prefix of
-a word of the user id or the public display name; results rank exact id/localpart,
-exact name, id/localpart prefix, name prefix, then any other match, entries with a
-profile first within a tier, and a placeholder shows its user id as its name
+A searcher finds a listed entry only if its user is joined to a visible public room,
+or shares a visible room with the searcher, or the server searches all users (then
+never themself). Every word of the term (its first ten; case-insensitive, NFKC-folded,
+split at punctuation) must be a prefix of a word of the user id or the public display
+name, or a term of 3+ characters is contained in the display name or localpart
+(infix); results rank exact id/localpart, exact name, id/localpart prefix, name prefix,
+any other prefix match, then infix matches, local users first within a tier with
+prefer_local_users, entries with a profile first, and a placeholder has no display name
 (docs/design.md §8: scenarios 1, 2 and 10 at the search level). Hostile terms never fail.
 On PostgreSQL the split, index-driven plan returns exactly what the single reference
-query defines, and the text match goes through the GIN index.
+query defines, the text match goes through the GIN index, words the full-text parser
+cannot represent match exactly as on SQLite, and every statement has a time limit.
 """
 
 from __future__ import annotations
@@ -16,20 +19,25 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Connection, Engine, insert, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql import Select
 
-from directory.models import room_members, rooms, user_directory
+from directory.db import make_engine
+from directory.models import metadata, room_members, rooms, user_directory
 from directory.search import (
     SearchHit,
     SearchResult,
+    indexable_words,
     reference_statement,
     search_directory,
     search_queries,
 )
-from directory.text import entry_keys, split_user_id
+from directory.text import entry_keys, normalise, search_words, split_user_id, words
 from tests.conftest import SERVER_NAME
 
 BOB = f"@bob:{SERVER_NAME}"
@@ -47,6 +55,7 @@ class World:
         self.rooms: dict[str, tuple[bool, bool]] = {}
         self.members: dict[str, set[str]] = {}
         self.profiles: dict[str, tuple[str | None, str | None]] = {}
+        self.unlisted: set[str] = set()
 
     def room(
         self, room_id: str, *members: str, public: bool | None = None, visible: bool | None = None
@@ -62,6 +71,11 @@ class World:
 
     def profile(self, user_id: str, name: str | None = None, avatar: str | None = None) -> World:
         self.profiles[user_id] = (name, avatar)
+        return self
+
+    def unlist(self, *user_ids: str) -> World:
+        """Held (their rooms still count) but never returned (directory/listing.py)."""
+        self.unlisted.update(user_ids)
         return self
 
     def save(self, engine: Engine) -> None:
@@ -94,13 +108,20 @@ def save_world(conn: Connection, world: World) -> None:
         conn.execute(
             insert(user_directory),
             [
-                entry_row(u, *world.profiles.get(u, (None, None)), public=p)
+                entry_row(
+                    u,
+                    *world.profiles.get(u, (None, None)),
+                    public=p,
+                    listed=u not in world.unlisted,
+                )
                 for u, p in listed.items()
             ],
         )
 
 
-def entry_row(user_id: str, name: str | None, avatar: str | None, *, public: bool) -> dict:
+def entry_row(
+    user_id: str, name: str | None, avatar: str | None, *, public: bool, listed: bool = True
+) -> dict:
     return {
         "user_id": user_id,
         "server_name": split_user_id(user_id)[1],
@@ -109,17 +130,19 @@ def entry_row(user_id: str, name: str | None, avatar: str | None, *, public: boo
         "fetched_at_ms": NOW_MS if name or avatar else None,
         "refresh_due_ms": NOW_MS + 86_400_000,
         "in_public_room": public,
+        "listed": listed,
+        "unlisted_reason": None if listed else "excluded",
         "created_at_ms": NOW_MS,
         **entry_keys(user_id, name),
     }
 
 
-def search(engine: Engine, searcher: str, term: str, limit: int = 50, **kw: bool) -> SearchResult:
+def search(engine: Engine, searcher: str, term: str, limit: int = 50, **kw: Any) -> SearchResult:
     with engine.connect() as conn:
         return search_directory(conn, searcher, term, limit, **kw)
 
 
-def ids(engine: Engine, searcher: str, term: str, limit: int = 50, **kw: bool) -> list[str]:
+def ids(engine: Engine, searcher: str, term: str, limit: int = 50, **kw: Any) -> list[str]:
     return [hit.user_id for hit in search(engine, searcher, term, limit, **kw).results]
 
 
@@ -170,9 +193,88 @@ def test_search_all_users_finds_everyone_listed(db: Engine) -> None:
     assert ids(db, EVE, "remote", search_all_users=True) == [ALICE]
 
 
-def test_the_searcher_finds_themself(db: Engine) -> None:
-    World().room("!priv:x", BOB).save(db)
-    assert ids(db, BOB, "bob") == [BOB]
+def test_the_searcher_finds_themself_unless_searching_all_users(db: Engine) -> None:
+    """As in Synapse: search_all_users leaves the searcher out ("user_id != ?");
+    otherwise a searcher in a public room is found like anyone else there, but a
+    private room pairs the searcher with the others only, never with themself."""
+    boba = "@boba:x.test"
+    World().room("!priv:x", BOB, "@bobby:x.test").room("!pub:x", boba, public=True).save(db)
+    assert ids(db, BOB, "bob") == [boba, "@bobby:x.test"]
+    assert ids(db, "@bobby:x.test", "bob") == [BOB, boba]
+    assert ids(db, boba, "bob") == [boba]
+    assert ids(db, BOB, "bob", search_all_users=True) == [boba, "@bobby:x.test"]
+    assert ids(db, boba, "bob", search_all_users=True) == [BOB, "@bobby:x.test"]
+
+
+@pytest.mark.parametrize("all_users", [False, True])
+def test_unlisted_entries_are_never_found(db: Engine, all_users: bool) -> None:
+    """Public room, shared private room, search_all_users: an unlisted entry is held
+    (its rooms still count) but no search returns it."""
+    world = World().room("!pub:x", ALICE, "@alicia:x.test", public=True)
+    world.room("!priv:x", BOB, "@alison:x.test", "@alina:x.test")
+    world.profile(ALICE, "Alice").profile("@alina:x.test", "Alina")
+    world.unlist(ALICE, "@alison:x.test").save(db)
+    # Alina has a profile: first.
+    assert ids(db, BOB, "ali", search_all_users=all_users) == ["@alina:x.test", "@alicia:x.test"]
+    assert ids(db, BOB, ALICE, search_all_users=all_users) == []
+    assert ids(db, BOB, "alison", search_all_users=all_users) == []
+    # Infix matches too: "lis" is inside "alison" and "alicia" only by infix.
+    assert ids(db, BOB, "lis", search_all_users=all_users) == []
+    assert ids(db, BOB, "lic", search_all_users=all_users) == ["@alicia:x.test"]
+    # Nothing to find: limit 0 says so too.
+    assert search(db, BOB, "alison", 0, search_all_users=all_users).limited is False
+    # The unlisted still see others (their rooms count): Alison shares a room with Bob.
+    assert ids(db, "@alison:x.test", "bob") == [BOB]
+
+
+def test_exclude_remote_users_returns_only_our_users(db: Engine) -> None:
+    local = f"@alina:{SERVER_NAME}"
+    world = World().room("!pub:x", ALICE, local, "@alex:elsewhere.test", public=True)
+    world.room("!priv:x", BOB, "@al:remote.test").save(db)
+    assert set(ids(db, BOB, "al")) == {"@al:remote.test", ALICE, local, "@alex:elsewhere.test"}
+    for all_users in (False, True):
+        assert ids(db, BOB, "al", exclude_remote_users=True, search_all_users=all_users) == [local]
+    # Our server name is the searcher's unless told.
+    assert ids(db, BOB, "al", exclude_remote_users=True, server_name="remote.test") == [
+        "@al:remote.test",
+        ALICE,
+    ]
+
+
+def test_prefer_local_users_ranks_ours_first_within_a_tier(db: Engine) -> None:
+    local_a, local_b = f"@annette:{SERVER_NAME}", f"@anders:{SERVER_NAME}"
+    everyone_public(
+        db,
+        {
+            "@ann:remote.test": "Ann",  # tier 0, remote
+            "@anna:remote.test": "Anna",  # tier 2, remote, with a profile
+            local_a: None,  # tier 2, local placeholder
+            local_b: "Zed",  # tier 2, local
+            "@bo:remote.test": "Brianna",  # tier 5 (infix), remote
+            f"@jo:{SERVER_NAME}": "Joanna",  # tier 5 (infix), local
+        },
+    )
+    assert ids(db, EVE, "ann") == [
+        "@ann:remote.test",
+        "@anna:remote.test",
+        local_a,
+        "@bo:remote.test",  # "brianna" < "joanna"
+        f"@jo:{SERVER_NAME}",
+    ]
+    preferred = [
+        "@ann:remote.test",  # a better tier still wins
+        local_a,  # local first within tier 2, then profile first, by localpart
+        "@anna:remote.test",
+        f"@jo:{SERVER_NAME}",
+        "@bo:remote.test",
+    ]
+    assert ids(db, EVE, "ann", prefer_local_users=True) == preferred
+    assert ids(db, EVE, "an", prefer_local_users=True) == [
+        local_b,
+        local_a,
+        "@ann:remote.test",
+        "@anna:remote.test",
+    ]
 
 
 def test_a_room_turning_private_and_public_again_changes_who_finds_whom(db: Engine) -> None:
@@ -234,18 +336,56 @@ def test_every_word_of_the_term_must_match(db: Engine) -> None:
     assert ids(db, EVE, "@dan:hs2") == ["@dan:hs2"]
 
 
-def test_words_match_from_their_start_only(db: Engine) -> None:
-    everyone_public(db, {ALICE: "Cordelia", CAROL: "Delia"})
-    assert ids(db, EVE, "delia") == [CAROL]
-    assert ids(db, EVE, "elia") == []
-    assert ids(db, EVE, "lice") == []
+def test_words_match_from_their_start_and_longer_terms_also_inside(db: Engine) -> None:
+    """Synapse matches word prefixes only ("lex" never finds "alex", synapse#13807).
+    Here a term of 3+ characters also finds the names and localparts containing it,
+    after every prefix match; shorter terms match by prefix only."""
+    everyone_public(db, {ALICE: "Cordelia", CAROL: "Delia", "@alex:x.test": None})
+    assert ids(db, EVE, "delia") == [CAROL, ALICE]
+    assert ids(db, EVE, "elia") == [ALICE, CAROL]  # both infix: by name
+    assert ids(db, EVE, "lice") == [ALICE]  # inside the localpart
+    assert ids(db, EVE, "lex") == ["@alex:x.test"]
+    assert ids(db, EVE, "@lex") == ["@alex:x.test"]
+    assert ids(db, EVE, "le") == []  # too short for infix
+    assert ids(db, EVE, "el") == []
+    # The whole term is the infix, punctuation and spaces included.
+    assert ids(db, EVE, "r delia") == []
+    world = World().room("!pub2:x", "@x1:x.test", "@x2:x.test", public=True)
+    world.profile("@x1:x.test", "Mary-Ann Lee").profile("@x2:x.test", "Maryanne").save(db)
+    assert ids(db, EVE, "ryan") == ["@x2:x.test"]
+    assert ids(db, EVE, "y-ann l") == ["@x1:x.test"]
+    assert ids(db, EVE, "ann") == ["@x1:x.test", "@x2:x.test"]  # a prefix match first
 
 
-def test_a_placeholder_shows_its_user_id_and_is_found_by_it(db: Engine) -> None:
-    """Scenario 2: a user first seen in a public room is found at once by user id."""
+def test_infix_matches_rank_after_every_prefix_match(db: Engine) -> None:
+    everyone_public(
+        db,
+        {
+            "@zz:x.test": "Shannah",  # 5: contains "han"
+            "@aa:x.test": "Johan",  # 5
+            "@yy:x.test": "Bo Hanson",  # 4: a word starts with "han"
+            "@hank:x.test": None,  # 2, a placeholder
+            "@ethan:x.test": None,  # 5 by localpart
+        },
+    )
+    assert ids(db, EVE, "han") == [
+        "@hank:x.test",
+        "@yy:x.test",
+        "@aa:x.test",  # "johan" < "shannah"
+        "@zz:x.test",
+        "@ethan:x.test",  # no profile: last within its tier
+    ]
+    # The tier boundary holds under a small limit.
+    assert ids(db, EVE, "han", 2) == ["@hank:x.test", "@yy:x.test"]
+    assert search(db, EVE, "han", 4).limited is True
+
+
+def test_a_placeholder_has_no_display_name_and_is_found_by_its_user_id(db: Engine) -> None:
+    """Scenario 2: a user first seen in a public room is found at once by user id; it
+    has no public name (the client shows the user id)."""
     everyone_public(db, {ALICE: None})
     assert search(db, EVE, ALICE) == SearchResult(
-        results=[SearchHit(user_id=ALICE, display_name=ALICE, avatar_url=None)], limited=False
+        results=[SearchHit(user_id=ALICE, display_name=None, avatar_url=None)], limited=False
     )
     assert ids(db, EVE, "alice") == [ALICE]
 
@@ -344,8 +484,22 @@ def test_limit_and_limited(db: Engine) -> None:
     cut = search(db, EVE, "user", 3)
     assert cut.limited is True
     assert [h.user_id for h in cut.results] == [f"@user{i}:x.test" for i in range(3)]
-    assert search(db, EVE, "user", 0) == SearchResult(results=[], limited=False)
-    assert search(db, EVE, "user", -1) == SearchResult(results=[], limited=False)
+
+
+@pytest.mark.parametrize("all_users", [False, True])
+def test_limit_zero_still_says_whether_anything_matches(db: Engine, all_users: bool) -> None:
+    everyone_public(db, {"@user1:x.test": "User 1", "@private:x.test": None})
+    World().room("!priv:x", EVE, "@hidden:x.test").save(db)
+    for limit in (0, -1):
+        found = search(db, EVE, "user", limit, search_all_users=all_users)
+        assert found == SearchResult(results=[], limited=True)
+        # An infix-only match counts.
+        assert search(db, EVE, "ser1", limit, search_all_users=all_users).limited is True
+        # Only through the shared private room.
+        assert search(db, EVE, "hidden", limit, search_all_users=all_users).limited is True
+        assert search(db, EVE, "nobody", limit, search_all_users=all_users) == SearchResult(
+            results=[], limited=False
+        )
 
 
 @pytest.mark.parametrize("term", ["", "   ", "!!!", "@", "@:", "...", "\x00", "_%", "'\"\\"])
@@ -448,6 +602,8 @@ def generated_world(count: int, seed: int = 1) -> World:
             world.profile(user_id, word(), f"mxc://x/{i}")
         elif shape < 0.8:
             world.profile(user_id, None, f"mxc://x/{i}")
+        if rnd.random() < 0.05:
+            world.unlist(user_id)
         place = rnd.random()
         if place < 0.5:
             world.room("!pub:x", user_id)
@@ -459,17 +615,18 @@ def generated_world(count: int, seed: int = 1) -> World:
 
 
 ORDER_INDEXES = ("ix_user_directory_name_order", "ix_user_directory_localpart_order")
+TRIGRAM_INDEXES = ("ix_user_directory_name_key_trgm", "ix_user_directory_localpart_key_trgm")
 
 
 @contextmanager
 def analysed(engine: Engine, world: World, *, indexes: bool = True) -> Iterator[Connection]:
     """The world in a transaction that is rolled back, with fresh planner statistics;
-    without the search order indexes of migration 0003 if `indexes` is false (the
-    result must not depend on the plan)."""
+    without the search order indexes of migration 0003 and the trigram indexes of 0008
+    if `indexes` is false (the result must not depend on the plan)."""
     with engine.connect() as conn, conn.begin() as transaction:
         save_world(conn, world)
         if not indexes:
-            for index in ORDER_INDEXES:
+            for index in ORDER_INDEXES + TRIGRAM_INDEXES:
                 conn.execute(text(f"DROP INDEX {index}"))
         conn.execute(text("ANALYZE user_directory"))
         conn.execute(text("ANALYZE room_members"))
@@ -521,18 +678,17 @@ def test_with_the_order_indexes_a_short_prefix_reads_ranges_in_order(pg: Engine)
 
 
 def reference_result(
-    conn: Connection, searcher: str, term: str, limit: int, all_users: bool
+    conn: Connection, searcher: str, term: str, limit: int, all_users: bool, **options: Any
 ) -> SearchResult:
     statement = reference_statement(
-        conn.dialect.name, searcher, term, limit, search_all_users=all_users
+        conn.dialect.name, searcher, term, limit, search_all_users=all_users, **options
     )
     if statement is None:
         return SearchResult(results=[], limited=False)
     rows = conn.execute(statement).all()
+    limit = max(limit, 0)
     return SearchResult(
-        results=[
-            SearchHit(r.user_id, r.display_name or r.user_id, r.avatar_url) for r in rows[:limit]
-        ],
+        results=[SearchHit(r.user_id, r.display_name, r.avatar_url) for r in rows[:limit]],
         limited=len(rows) > limit,
     )
 
@@ -546,7 +702,21 @@ def sample_terms(world: World, count: int, seed: int = 2) -> list[str]:
         terms += [user_id, user_id[: rnd.randint(2, len(user_id))], user_id.split(":")[0]]
         if name:
             terms += [name, name[: rnd.randint(1, len(name))], name.split()[-1][:3]]
+            # Infixes: from inside the name or the localpart.
+            start = rnd.randint(1, max(1, len(name) - 3))
+            terms.append(name[start : start + rnd.randint(3, 5)])
+        localpart = user_id[1:].split(":")[0]
+        start = rnd.randint(1, max(1, len(localpart) - 3))
+        terms.append(localpart[start : start + rnd.randint(3, 4)])
     return terms
+
+
+# Server-side options and the limits that make branches overflow into one another.
+OPTION_SETS: list[dict[str, Any]] = [
+    {},
+    {"exclude_remote_users": True, "server_name": "matrix.test"},
+    {"prefer_local_users": True, "server_name": "matrix.test"},
+]
 
 
 @pytest.mark.parametrize("indexes", [False, True], ids=["without-order-indexes", "migrated"])
@@ -554,11 +724,187 @@ def test_the_postgresql_plan_returns_what_the_reference_query_defines(
     pg: Engine, indexes: bool
 ) -> None:
     world = generated_world(1500, seed=3)
-    # Small limits make the tier branches overflow into one another.
+    # Small limits make the tier branches overflow into one another; limit 0 must
+    # still say whether anything matches.
+    # The options change the branches, not how a branch reads its index: they are
+    # checked with the indexes only, to keep the test short.
+    option_sets = OPTION_SETS if indexes else OPTION_SETS[:1]
     with analysed(pg, world, indexes=indexes) as conn:
-        for term in sample_terms(world, 20):
+        for term in sample_terms(world, 15):
             for all_users in (False, True):
-                for limit in (1, 4):
-                    expected = reference_result(conn, BOB, term, limit, all_users)
-                    got = search_directory(conn, BOB, term, limit, search_all_users=all_users)
-                    assert got == expected, (term, all_users, limit)
+                for options in option_sets:
+                    for limit in (0, 1, 4):
+                        expected = reference_result(conn, BOB, term, limit, all_users, **options)
+                        got = search_directory(
+                            conn, BOB, term, limit, search_all_users=all_users, **options
+                        )
+                        assert got == expected, (term, all_users, options, limit)
+
+
+# --- the word cap, infix plans, the statement timeout ----------------------------------
+
+
+def test_only_the_first_ten_words_count(db: Engine) -> None:
+    """Like Synapse on PostgreSQL (_parse_query_postgres): the words after the tenth
+    are ignored, so a pasted paragraph costs no more than a name."""
+    name = " ".join(f"w{i}" for i in range(10))
+    everyone_public(db, {ALICE: name})
+    assert ids(db, EVE, name + " nomatch") == [ALICE]
+    assert ids(db, EVE, "nomatch " + name) == []
+    # Counted before repeated words are merged, as Synapse counts them.
+    assert ids(db, EVE, "w1 " * 10 + "nomatch") == [ALICE]
+    assert ids(db, EVE, "w1 " * 9 + "nomatch") == []
+
+
+def test_an_infix_is_looked_up_in_the_trigram_index(pg: Engine) -> None:
+    world = generated_world(3000).room("!pub:x", ALICE).profile(ALICE, "Quixotic Alice")
+    with analysed(pg, world) as conn:
+        queries = search_queries(BOB, "xoti", 10)
+        assert queries is not None and queries.infix is not None
+        # Without the order indexes, a scan of the table is all that is left.
+        for index in ORDER_INDEXES:
+            conn.execute(text(f"DROP INDEX {index}"))
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = explain(conn, queries.infix)
+        conn.execute(text("SET LOCAL enable_seqscan = on"))
+        assert "ix_user_directory_name_key_trgm" in plan, plan
+        assert "ix_user_directory_localpart_key_trgm" in plan, plan
+        assert "Seq Scan on user_directory" not in plan, plan
+        found = search_directory(conn, BOB, "xoti", 10)
+        assert [h.user_id for h in found.results] == [ALICE]
+    # Too short for trigrams: no infix branch at all.
+    short = search_queries(BOB, "xo", 10)
+    assert short is not None and short.infix is None
+
+
+def test_search_statements_run_under_the_statement_timeout(pg: Engine) -> None:
+    """SEARCH_STATEMENT_TIMEOUT_MS holds for the search's own transaction (the API
+    answers QueryCanceled with 503), and ends with it."""
+    everyone_public(pg, {ALICE: "Alice"})
+    with pg.connect() as conn:
+        default = conn.execute(text("SHOW statement_timeout")).scalar()
+        conn.rollback()
+        search_directory(conn, EVE, "alice", 10, statement_timeout_ms=1500)
+        assert conn.execute(text("SHOW statement_timeout")).scalar() == "1500ms"
+        conn.rollback()
+        assert conn.execute(text("SHOW statement_timeout")).scalar() == default
+        conn.rollback()
+        assert ids(pg, EVE, "alice") == [ALICE]  # 0: no limit set
+        search_directory(conn, EVE, "alice", 10, statement_timeout_ms=50)
+        with pytest.raises(OperationalError) as raised:
+            conn.execute(text("SELECT pg_sleep(2)"))
+        assert isinstance(raised.value.orig, psycopg.errors.QueryCanceled)
+
+
+# --- words PostgreSQL's text search cannot represent ------------------------------------
+
+# Names holding characters Python's \w and PostgreSQL's text search parser disagree
+# about: U+0BF0 TAMIL NUMBER TEN and U+0F33 (No: words to Python, dropped by the
+# parser), ½ and ² (NFKC turns them into digits), runic and Roman numerals (Nl),
+# combining marks, an enclosing mark, emoji, Devanagari vowel signs, U+3007.
+ODD_NAMES = {
+    "@u01:x.test": "ab\u0bf0cd",
+    "@u02:x.test": "\u0bf0",
+    "@u03:x.test": "Alice \u0bf0",
+    "@u04:x.test": "Alice",
+    "@u05:x.test": "x\u0f33y",
+    "@u06:x.test": "q\u0301r",
+    "@u07:x.test": "\U0001f642 smile",
+    "@u08:x.test": "smile\U0001f642",
+    "@u09:x.test": "\u0939\u093f\u0928\u094d\u0926\u0940",
+    "@u10:x.test": "ab cd",
+    "@u11:x.test": "\u16eeab",
+    "@u12:x.test": "cd\u3007",
+    "@u13:x.test": "\u216b x",
+    "@u14:x.test": "xii \u00bd",
+    "@u15:x.test": "a\u00b2 b",
+    "@u16:x.test": "x\u20ddy \u0bf0\u0bf1",
+}
+ODD_TERMS = [
+    "\u0bf0",
+    "\u0bf0\u0bf1",
+    "alice \u0bf0",
+    "\u0bf0 alice",
+    "ab\u0bf0",
+    "ab\u0bf0cd",
+    "ab",
+    "cd",
+    "\u0f33",
+    "x\u0f33",
+    "x\u0f33y",
+    "q\u0301",
+    "q\u0301r",
+    "\u0301",
+    "\U0001f642",
+    "smile \U0001f642",
+    "\u16ee",
+    "\u16eea",
+    "\u216b",
+    "xii",
+    "\u0939\u093f",
+    "\u0928",
+    "\u3007",
+    "cd\u3007",
+    "d\u3007",
+    "\u00bd",
+    "1 2",
+    "a2",
+    "\u00b2",
+    "x\u20ddy",
+    "y \u0bf1",
+]
+
+
+def expected_matches(term: str) -> set[str]:
+    """The definition, in Python: every word (of the first ten) starts a stored word,
+    or the term (3+ characters) is inside the name or the localpart."""
+    term_ws = words(term)[:10]
+    whole = normalise(term).strip()
+    bare = whole.removeprefix("@")
+    if not term_ws:
+        return set()
+    bare_is_localpart = ":" not in bare and not any(c.isspace() for c in bare)
+    found = set()
+    for user_id, name in ODD_NAMES.items():
+        stored = search_words(user_id, name).split()
+        by_prefix = all(any(s.startswith(w) for s in stored) for w in term_ws)
+        in_name = any(len(k) >= 3 and k in normalise(name) for k in (whole, bare))
+        in_localpart = len(bare) >= 3 and bare_is_localpart and bare in split_user_id(user_id)[0]
+        if by_prefix or in_name or in_localpart:
+            found.add(user_id)
+    return found
+
+
+@pytest.mark.parametrize("term", ODD_TERMS, ids=range(len(ODD_TERMS)))
+def test_words_the_full_text_parser_drops_never_widen_the_search(db: Engine, term: str) -> None:
+    everyone_public(db, ODD_NAMES)
+    assert set(ids(db, EVE, term)) == expected_matches(term)
+
+
+def test_postgresql_and_sqlite_agree_on_odd_characters(pg: Engine, tmp_path: Any) -> None:
+    """Row for row, the same search on PostgreSQL and on a SQLite database holding the
+    same entries."""
+    everyone_public(pg, ODD_NAMES)
+    lite = make_engine(f"sqlite:///{tmp_path / 'odd.sqlite3'}")
+    try:
+        metadata.create_all(lite)
+        everyone_public(lite, ODD_NAMES)
+        for term in ODD_TERMS:
+            for limit in (0, 1, 50):
+                assert search(pg, EVE, term, limit) == search(lite, EVE, term, limit), term
+    finally:
+        lite.dispose()
+
+
+def test_only_words_the_parser_keeps_are_looked_up_in_the_index(pg: Engine) -> None:
+    with pg.connect() as conn:
+        assert indexable_words(conn, ["alice", "\u0bf0", "ab\u0bf0cd", "\u16ee", "x"]) == {
+            "alice",
+            "\u16ee",
+            "x",
+        }
+    # No word the index can look up: LIKE alone decides.
+    queries = search_queries(EVE, "\u0bf0", 10, indexable=set())
+    assert queries is not None
+    compiled = str(queries.rest.compile(dialect=pg.dialect))
+    assert "to_tsquery" not in compiled and "LIKE" in compiled

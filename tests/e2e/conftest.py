@@ -47,8 +47,10 @@ class Deployment:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def names(self, user: MatrixUser, term: str) -> dict[str, str]:
-        return {hit["user_id"]: hit["display_name"] for hit in self.search(user, term)["results"]}
+    def names(self, user: MatrixUser, term: str) -> dict[str, str | None]:
+        # A placeholder has no display_name (None here).
+        results = self.search(user, term)["results"]
+        return {hit["user_id"]: hit.get("display_name") for hit in results}
 
     def wait_for_names(
         self, user: MatrixUser, term: str, expected: dict[str, str], timeout: float = 30
@@ -200,6 +202,28 @@ def federation(
         url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
     )
     hs1, hs2 = plan_federating_pair(tmp_path / "synapse", reg)
+    ours = _our_settings(settings, hs1, port, reg)
+    processes, url = _start(ours, db, tmp_path, (hs1, hs2), port)
+    try:
+        yield Deployment(hs1, hs2, processes, url, db)
+        _check_our_logs(processes, url, ours, hs1, hs2)
+    finally:
+        processes.kill_all()
+        hs1.stop()
+        hs2.stop()
+
+
+@pytest.fixture
+def federation_with_guests(
+    settings: Settings, db: Engine, redis_client: object, tmp_path: Path
+) -> Iterator[Deployment]:
+    """`federation`, with guests allowed on hs1 (allow_guest_access: true)."""
+    port = free_port()
+    reg = AppserviceRegistration(
+        url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
+    )
+    hs1, hs2 = plan_federating_pair(tmp_path / "synapse", reg)
+    hs1.extra_config["allow_guest_access"] = True
     ours = _our_settings(settings, hs1, port, reg)
     processes, url = _start(ours, db, tmp_path, (hs1, hs2), port)
     try:

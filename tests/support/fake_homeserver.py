@@ -46,6 +46,7 @@ WHOAMI_PATH = "/_matrix/client/v3/account/whoami"
 ROOMS_PREFIX = "/_matrix/client/v3/rooms/"
 JOINED_ROOMS_PATH = "/_matrix/client/v3/joined_rooms"
 ADMIN_ROOMS_PATH = "/_synapse/admin/v1/rooms"
+ADMIN_USERS_PREFIX = "/_synapse/admin/v2/users/"
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class _ServerBehaviour:
 class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stopping: threading.Event = field(default_factory=threading.Event)
-    profiles: dict[str, dict[str, str]] = field(default_factory=dict)
+    profiles: dict[str, dict[str, object]] = field(default_factory=dict)
     servers: dict[str, _ServerBehaviour] = field(default_factory=dict)
     scripts: dict[str, deque[Scripted]] = field(default_factory=lambda: defaultdict(deque))
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -139,6 +140,9 @@ class _State:
     # Rooms a user's joined_rooms lists beyond the rooms they are a member of.
     extra_joined: dict[str, list[str]] = field(default_factory=dict)
     room_read_latency: float = 0.0
+    # Synapse's admin view of local users (GET /_synapse/admin/v2/users/<user_id>).
+    accounts: dict[str, dict[str, object]] = field(default_factory=dict)
+    account_reads: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -344,6 +348,26 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(None, 200, {"state": room.state()})
 
+    def _admin_user(self, path: str) -> None:
+        state = self.server.state
+        user_id = urllib.parse.unquote(path[len(ADMIN_USERS_PREFIX) :])
+        with state.lock:
+            admin_token = state.admin_token
+            state.account_reads.append(user_id)
+            account = state.accounts.get(user_id)
+        if admin_token is None or self._bearer() != admin_token:
+            self._send_json(None, 401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"})
+        elif self._scripted_api(path):
+            return
+        elif not user_id.endswith(":" + LOCAL_SERVER_NAME):
+            self._send_json(
+                None, 400, {"errcode": "M_UNKNOWN", "error": "Can only look up local users"}
+            )
+        elif account is None:
+            self._send_json(None, 404, {"errcode": "M_NOT_FOUND", "error": "User not found"})
+        else:
+            self._send_json(None, 200, account)
+
     def _route(self) -> None:
         state = self.server.state
         path = self.path.split("?", 1)[0]
@@ -358,6 +382,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path.startswith(ADMIN_ROOMS_PATH):
             self._admin(path)
+            return
+        if path.startswith(ADMIN_USERS_PREFIX):
+            self._admin_user(path)
             return
         if not path.startswith(PROFILE_PREFIX) or "/" in path[len(PROFILE_PREFIX) :]:
             self._send_json(None, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized"})
@@ -543,10 +570,16 @@ class FakeHomeserver:
     # -- scripting -------------------------------------------------------------------
 
     def set_profile(
-        self, user_id: str, displayname: str | None = None, avatar_url: str | None = None
+        self,
+        user_id: str,
+        displayname: str | None = None,
+        avatar_url: str | None = None,
+        **extra: object,
     ) -> None:
-        """The user's public profile; None fields are omitted, as Synapse does."""
-        profile = {}
+        """The user's public profile; None fields are omitted, as Synapse does.
+        `extra`: extended profile fields (MSC4133), e.g.
+        `**{"m.user_directory.visibility": "hidden"}`."""
+        profile: dict[str, object] = dict(extra)
         if displayname is not None:
             profile["displayname"] = displayname
         if avatar_url is not None:
@@ -576,6 +609,34 @@ class FakeHomeserver:
         """The admin API accepts this token (None: refuses every token with 401)."""
         with self._state.lock:
             self._state.admin_token = token
+
+    def set_account(
+        self,
+        user_id: str,
+        *,
+        user_type: str | None = None,
+        deactivated: bool = False,
+        locked: bool = False,
+        is_guest: bool = False,
+    ) -> None:
+        """A local user as Synapse's admin API shows them (with the admin token)."""
+        account: dict[str, object] = {
+            "name": user_id,
+            "admin": False,
+            "deactivated": deactivated,
+            "locked": locked,
+            "is_guest": is_guest,
+            "user_type": user_type,
+            "shadow_banned": False,
+        }
+        with self._state.lock:
+            self._state.accounts[user_id] = account
+
+    @property
+    def account_reads(self) -> list[str]:
+        """The users the admin API was asked about, in order."""
+        with self._state.lock:
+            return list(self._state.account_reads)
 
     def set_extra_joined(self, user_id: str, room_ids: list[str]) -> None:
         with self._state.lock:

@@ -181,8 +181,12 @@ class SynapseServer:
         client_port: int,
         federation_port: int | None = None,
         appservice: AppserviceRegistration | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        # Top-level config keys merged over the harness's own (e.g. allow_guest_access);
+        # may also be set after construction, before start().
+        self.extra_config: dict[str, Any] = dict(extra_config or {})
         self.server_name = server_name
         self.client_port = client_port
         self.federation_port = federation_port
@@ -397,6 +401,7 @@ class SynapseServer:
         overrides["listeners"] = listeners
         if self.appservice is not None:
             overrides["app_service_config_files"] = [str(self.workdir / "appservice.yaml")]
+        overrides.update(self.extra_config)
         return overrides
 
     def _log_config(self) -> str:
@@ -480,6 +485,14 @@ class SynapseServer:
         data = _json(response)
         if response.status_code != 200:
             raise MatrixError("POST", path, response.status_code, data)
+        return MatrixUser(data["user_id"], data["access_token"], self)
+
+    def register_guest(self) -> MatrixUser:
+        """A new guest (POST /register?kind=guest; needs allow_guest_access: true)."""
+        response = self.http.post("/_matrix/client/v3/register", params={"kind": "guest"}, json={})
+        data = _json(response)
+        if response.status_code != 200:
+            raise MatrixError("POST", "/register?kind=guest", response.status_code, data)
         return MatrixUser(data["user_id"], data["access_token"], self)
 
 
@@ -574,6 +587,28 @@ class MatrixUser:
 
     def _state(self, room_id: str, event_type: str, content: dict) -> None:
         self._ok("PUT", f"/_matrix/client/v3/rooms/{_seg(room_id)}/state/{event_type}/", content)
+
+    def set_avatar_url(self, url: str) -> None:
+        """Global avatar, echoed into every room like a global name."""
+        self._ok(
+            "PUT",
+            f"/_matrix/client/v3/profile/{_seg(self.user_id)}/avatar_url",
+            {"avatar_url": url},
+        )
+
+    def set_guest_access(self, room_id: str, access: str) -> None:
+        """m.room.guest_access: "can_join" lets guests join a public room."""
+        self._state(room_id, "m.room.guest_access", {"guest_access": access})
+
+    def deactivate(self, password: str = "password") -> None:
+        """Deactivate this account (Synapse leaves its rooms and erases its name)."""
+        localpart = self.user_id[1:].split(":", 1)[0]
+        auth = {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": localpart},
+            "password": password,
+        }
+        self._ok("POST", "/_matrix/client/v3/account/deactivate", {"auth": auth})
 
     def set_join_rule(self, room_id: str, rule: str) -> None:
         self._state(room_id, "m.room.join_rules", {"join_rule": rule})

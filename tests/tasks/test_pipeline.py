@@ -39,7 +39,7 @@ def commit_without_publishing(engine: Engine, events: list) -> None:
         )
 
 
-def names(engine: Engine, searcher: str, term: str) -> dict[str, str]:
+def names(engine: Engine, searcher: str, term: str) -> dict[str, str | None]:
     with engine.connect() as conn:
         result = search_directory(conn, searcher, term, 10)
     return {hit.user_id: hit.display_name for hit in result.results}
@@ -90,8 +90,9 @@ def test_first_sight_is_a_searchable_placeholder_until_the_fetch_lands(
             member(PUBLIC, ALICE, displayname="Pubby"),
         ]
     )
-    # At once, before any fetch answered: found by user id, showing nothing private.
-    assert names(db, EVE, "alice") == {ALICE: ALICE}
+    # At once, before any fetch answered: found by user id, showing nothing private
+    # (a placeholder has no display name).
+    assert names(db, EVE, "alice") == {ALICE: None}
     assert names(db, EVE, "pubby") == {}
     wait_for_name(db, ALICE, "Alice")
     assert names(db, EVE, "alice") == {ALICE: "Alice"}
@@ -281,8 +282,8 @@ def test_not_found_and_forbidden_keep_the_placeholder(
     wait_for_name(db, ALICE, None)
     wait_for_name(db, hidden, None)
     wait_for_no_pending(db)
-    assert names(db, BOB, "alice") == {ALICE: ALICE}
-    assert names(db, BOB, "hidden") == {hidden: hidden}
+    assert names(db, BOB, "alice") == {ALICE: None}
+    assert names(db, BOB, "hidden") == {hidden: None}
     assert names(db, BOB, "delia") == {}
     assert names(db, BOB, "secret") == {}
 

@@ -64,11 +64,21 @@ class RunningApi:
 
 @pytest.fixture
 def api_settings(settings: Settings, homeserver: FakeHomeserver) -> Settings:
-    return with_settings(settings, homeserver_url=homeserver.url, search_rate_burst=1000)
+    return with_settings(
+        settings,
+        homeserver_url=homeserver.url,
+        search_rate_burst=1000,
+        search_unverified_rate_burst=1000,
+    )
 
 
 def serve(
-    settings: Settings, engine: Engine, homeserver: FakeHomeserver, *, apply: bool = True
+    settings: Settings,
+    engine: Engine,
+    homeserver: FakeHomeserver,
+    *,
+    apply: bool = True,
+    search_engine: Engine | None = None,
 ) -> Iterator[RunningApi]:
     published = Published()
     applying = threading.Lock()
@@ -83,7 +93,13 @@ def serve(
         pass
 
     wake = apply_now if apply else leave_it
-    app = create_app(settings, engine, aioredis.Redis.from_url(settings.redis_url), wake)
+    app = create_app(
+        settings,
+        engine,
+        aioredis.Redis.from_url(settings.redis_url),
+        wake,
+        search_engine=search_engine,
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
