@@ -20,8 +20,8 @@ Options, with Synapse's meaning (its user_directory section):
 Matching: the term's first MAX_SEARCH_WORDS words (text.words: NFKC, casefolded,
 punctuation splits; the rest are ignored, as Synapse does on PostgreSQL) must each be
 a prefix of a word of the user id or of the public display name. Besides, a term whose
-normalised form has INFIX_MIN_CHARS or more characters also finds the display names
-and localparts that merely contain it ("lex" finds "Alex"; Synapse matches word
+normalised form holds INFIX_MIN_CHARS letters or digits in a row also finds the display
+names and localparts that merely contain it ("lex" finds "Alex"; Synapse matches word
 prefixes only, synapse#13807); such entries rank after every prefix match.
 
 Ranking, best first:
@@ -63,6 +63,7 @@ QueryCanceled, which the API answers with 503. SQLite has no statement timeout.
 
 from __future__ import annotations
 
+import re
 import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -104,6 +105,13 @@ NAME_ORDER_CHARS = 128
 MAX_SEARCH_WORDS = 10
 # Infix matching needs a trigram to look up: shorter terms match by prefix only.
 INFIX_MIN_CHARS = 3
+_INFIX_WORD = re.compile(r"[^\W_]+")
+# On PostgreSQL, tier 5 ranks at most this many of the entries the trigram indexes find
+# (per scope), in whatever order they come: a common infix ("son", "and") is inside a
+# share of a large directory, and sorting all of them would cost as much as that share.
+# Every entry shown still contains the term and still ranks after every prefix match;
+# below this many matches (always, in a small directory) the tier is exact.
+INFIX_CANDIDATES = 500
 
 
 @dataclass(frozen=True)
@@ -154,8 +162,8 @@ class _Term:
     # equal or start with, and the localpart such a user id has.
     user_id: str | None
     user_id_localpart: str | None
-    # What a display name or a localpart may contain (tier 5): the keys above of at
-    # least INFIX_MIN_CHARS characters.
+    # What a display name or a localpart may contain (tier 5): the keys above that
+    # hold INFIX_MIN_CHARS letters or digits in a row (_has_trigram).
     infix_name_keys: list[str]
     infix_localpart_key: str | None
 
@@ -168,6 +176,13 @@ def _without_controls(term: str) -> str:
     # NUL cannot be bound on PostgreSQL and lone surrogates cannot be encoded; neither
     # can occur in a stored name, so they only separate words.
     return "".join(" " if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in term)
+
+
+def _has_trigram(key: str) -> bool:
+    """The key holds INFIX_MIN_CHARS letters or digits in a row: something a trigram
+    index can look up (pg_trgm reads only words; "l.ta" would ask for every name with
+    an "l" word and a "ta" word). Both backends apply it, so they agree."""
+    return any(len(w) >= INFIX_MIN_CHARS for w in _INFIX_WORD.findall(key))
 
 
 def _parse(term: str, indexable: Iterable[str] | None = None) -> _Term | None:
@@ -187,6 +202,9 @@ def _parse(term: str, indexable: Iterable[str] | None = None) -> _Term | None:
     usable = minimal if indexable is None else [w for w in minimal if w in set(indexable)]
     # An empty list: no word can be looked up, LIKE alone matches.
     index_words = [w for w in usable if w in localpart_words] or usable
+    # A one-letter prefix expands to a large share of the index's words; when a longer
+    # word narrows as well, the LIKE checks alone take care of the short one.
+    index_words = [w for w in index_words if len(w) > 1] or index_words
     # User ids are printable ASCII (spec appendix "Identifier Grammar"), where SQL
     # lower() and casefold agree; no other term can equal or start one.
     by_user_id = bool(colon) and bare.isascii() and not any(ch.isspace() for ch in bare)
@@ -199,11 +217,9 @@ def _parse(term: str, indexable: Iterable[str] | None = None) -> _Term | None:
         localpart_key=localpart_key,
         user_id="@" + bare if by_user_id else None,
         user_id_localpart=localpart if by_user_id else None,
-        infix_name_keys=[k for k in name_keys if len(k) >= INFIX_MIN_CHARS],
+        infix_name_keys=[k for k in name_keys if _has_trigram(k)],
         infix_localpart_key=(
-            localpart_key
-            if localpart_key is not None and len(localpart_key) >= INFIX_MIN_CHARS
-            else None
+            localpart_key if localpart_key is not None and _has_trigram(localpart_key) else None
         ),
     )
 
@@ -315,10 +331,18 @@ class _Ranking:
         # Every word, on every backend: a word starts after the start of search_words
         # or after a space. The LIKEs come first: where this is evaluated row by row
         # (the shared-private-room branch), a cheap miss spares to_tsvector.
-        self.prefix_match = and_(
-            *(padded.like(f"% {_escape_like(w)}%", escape=_LIKE_ESCAPE) for w in term.words),
-            *indexed,
-        )
+        checks = []
+        for w in term.words:
+            check = padded.like(f"% {_escape_like(w)}%", escape=_LIKE_ESCAPE)
+            if self.postgresql and w in term.index_words:
+                # A recheck of what the index found, true for nearly every row: as a
+                # bare LIKE '%...%' the planner would take it for a 1-in-200 filter,
+                # expect a handful of matches and sort them all, where walking the
+                # name order until limit + 1 match is far cheaper for a popular word.
+                # Inside a CASE it is an opaque condition (estimated at one half).
+                check = case((check, true()), else_=false())
+            checks.append(check)
+        self.prefix_match = and_(*checks, *indexed)
         self.no_profile = and_(d.display_name.is_(None), d.avatar_url.is_(None))
         if options.prefer_local_users:
             self.remote: ColumnElement[bool] = d.server_name != options.server_name
@@ -538,21 +562,28 @@ def _tail_branches(
     tier: ColumnElement[Any],
     match: ColumnElement[bool],
     limit: int,
+    candidates: int | None = None,
 ) -> Select:
     # Per scope and locality, in tier 4/5 order: the planner either walks
     # ix_user_directory_name_order until limit + 1 entries match (a popular word) or
     # sorts the few index matches (a rare one). Entries of better tiers are not
     # excluded: the exclusion would only mislead its row estimate.
-    return _union(
-        [
-            select(*r.columns(tier))
-            .where(scope, *r.filters(), *locality, match)
-            .order_by(*r.name_tier_order())
-            .limit(limit + 1)
-            for scope in scopes
-            for locality in r.localities()
-        ]
-    )
+    # `candidates`: rank only the first that many matches the index yields.
+    d = user_directory.c
+    branches = []
+    for scope in scopes:
+        for locality in r.localities():
+            conditions = [scope, *r.filters(), *locality, match]
+            if candidates is not None:
+                found = select(d.user_id).where(*conditions).limit(candidates)
+                conditions = [d.user_id.in_(found)]
+            branches.append(
+                select(*r.columns(tier))
+                .where(*conditions)
+                .order_by(*r.name_tier_order())
+                .limit(limit + 1)
+            )
+    return _union(branches)
 
 
 def _plan(parsed: _Term, options: _Options, limit: int) -> SearchQueries:
@@ -570,7 +601,7 @@ def _plan(parsed: _Term, options: _Options, limit: int) -> SearchQueries:
     if r.infix_match is not None:
         # Only entries without a prefix match are tier 5, but the exclusion stays out
         # of the WHERE clause for the same reason as above; their tier says it.
-        infix = _tail_branches(r, scopes, r.tier, r.infix_match, limit)
+        infix = _tail_branches(r, scopes, r.tier, r.infix_match, limit, candidates=INFIX_CANDIDATES)
     return SearchQueries(leading=_union(leading), rest=rest, infix=infix)
 
 
@@ -665,12 +696,14 @@ def _prepare_search_transaction(conn: Connection, statement_timeout_ms: int) -> 
     # psycopg prepares a statement text it has run five times, and PostgreSQL may then
     # settle on a generic plan, blind to the term: no LIKE range, a guessed match
     # count, so one term's plan would serve another's. Nor does a lookup this size
-    # gain from JIT compilation, which a high estimate can trigger (~100 ms). And no
-    # search may hold a connection for long. All three settings end with the caller's
-    # transaction.
+    # gain from JIT compilation, which a high estimate can trigger (~100 ms), nor from
+    # parallel workers, whose start costs more than a bounded walk of an index takes.
+    # And no search may hold a connection for long. The settings end with the
+    # caller's transaction.
     settings = [
         func.set_config("plan_cache_mode", "force_custom_plan", true()),
         func.set_config("jit", "off", true()),
+        func.set_config("max_parallel_workers_per_gather", "0", true()),
     ]
     if statement_timeout_ms > 0:
         settings.append(func.set_config("statement_timeout", str(statement_timeout_ms), true()))

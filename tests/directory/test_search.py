@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Engine, insert, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql import Select
 
+from directory import search as search_module
 from directory.db import make_engine
 from directory.models import metadata, room_members, rooms, user_directory
 from directory.search import (
@@ -775,6 +776,26 @@ def test_an_infix_is_looked_up_in_the_trigram_index(pg: Engine) -> None:
     # Too short for trigrams: no infix branch at all.
     short = search_queries(BOB, "xo", 10)
     assert short is not None and short.infix is None
+
+
+def test_a_common_infix_ranks_a_bounded_share_of_its_matches(
+    pg: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL tier 5 sorts at most INFIX_CANDIDATES of the entries the trigram
+    indexes find: each one shown still contains the term and follows every prefix
+    match; below the bound (a small directory) the tier is exact."""
+    inside = {f"@u{i}:x.test": f"Flexer {i}" for i in range(8)}
+    everyone_public(pg, {**inside, "@lexi:x.test": "Lexi"})
+    exact = ids(pg, EVE, "lex", 5)
+    assert exact == ["@lexi:x.test", *sorted(inside, key=lambda u: inside[u])[:4]]
+    monkeypatch.setattr(search_module, "INFIX_CANDIDATES", 3)
+    capped = search(pg, EVE, "lex", 5)
+    found = [h.user_id for h in capped.results]
+    assert found[0] == "@lexi:x.test"
+    # At most 3 candidates (Lexi, a prefix match, may be one of them): fewer than the 4
+    # the exact tier gave, each containing the term.
+    assert 1 <= len(found[1:]) <= 3 and set(found[1:]) <= set(inside)
+    assert search(pg, EVE, "lex", 2).limited is True
 
 
 def test_search_statements_run_under_the_statement_timeout(pg: Engine) -> None:
