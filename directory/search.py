@@ -111,7 +111,7 @@ _INFIX_WORD = re.compile(r"[^\W_]+")
 # share of a large directory, and sorting all of them would cost as much as that share.
 # Every entry shown still contains the term and still ranks after every prefix match;
 # below this many matches (always, in a small directory) the tier is exact.
-INFIX_CANDIDATES = 500
+INFIX_CANDIDATES = 200
 
 
 @dataclass(frozen=True)

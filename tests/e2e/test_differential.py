@@ -52,7 +52,8 @@ class Allowance:
 # are required, "may" allowances only tolerated.
 INFIX = Allowance(
     "infix (must)",
-    "A term of 3 or more characters also finds the display names and localparts that "
+    "A term holding 3 letters or digits in a row also finds the display names and "
+    "localparts that "
     'merely contain it, the whole term, spaces and punctuation included ("lex" finds '
     '"Alexander" and "Dan Flexer"), ranked after every prefix match; Synapse '
     "matches word prefixes only (synapse#13807). Both our backends do it alike (SQLite "
@@ -165,11 +166,16 @@ class Model:
 
     def infix_matches(self, term: str) -> set[str]:
         """Listed users whose normalised display name or localpart contains the whole
-        normalised term (or the term without a leading '@'), for a term of at least
-        INFIX_MIN_CHARS characters; a localpart only for a term without ':' or spaces."""
+        normalised term (or the term without a leading '@'), for a term holding at least
+        INFIX_MIN_CHARS letters or digits in a row (what a trigram index can look up);
+        a localpart only for a term without ':' or spaces."""
         whole = normalise(term).strip()
         bare = whole.removeprefix("@")
-        keys = {k for k in (whole, bare) if len(k) >= INFIX_MIN_CHARS}
+        keys = {
+            k
+            for k in (whole, bare)
+            if any(len(run) >= INFIX_MIN_CHARS for run in re.findall(r"[^\W_]+", k))
+        }
         localpart_key = bare if ":" not in bare and not re.search(r"\s", bare) else None
         found = set()
         for p in self.listed():
