@@ -24,6 +24,7 @@ from tasks.outbox import (
     FOLLOW_UP_HORIZON_MS,
     bootstrap_lister_key,
     bootstrap_loaders_drained,
+    bootstrap_waiter_key,
     publish_bootstrap,
     wake_inbox_consumer,
 )
@@ -34,10 +35,6 @@ logger = logging.getLogger(__name__)
 SLOTS_KEY = "ud:bootstrap:slots"
 
 
-def bootstrap_waiter_key(run_id: int) -> str:
-    return f"ud:bootstrap:{run_id}:waiter"
-
-
 # A step's time budget; the next step is a new task, so no broker message is held long.
 STEP_BUDGET_S = 30.0
 # Locks and slots are extended between rooms and pages, so only a dead holder loses
@@ -45,6 +42,7 @@ STEP_BUDGET_S = 30.0
 # may outlast it, and a loader more may then read for a moment).
 HOLD_TTL_MS = 30_000
 EXTEND_EVERY_S = 5.0
+WAITER_MARGIN_MS = 5_000
 
 
 class _Keeper:
@@ -117,7 +115,10 @@ def load_rooms(run_id: int, waiter: bool = False) -> int:
         # BOOTSTRAP_CONCURRENCY loaders are reading already, or died holding their
         # slots (a killed worker's expire within HOLD_TTL_MS): one waiter looks again
         # a while later, so the run never stalls behind dead loaders.
-        if resources.redis.set(waiter_key, 1, nx=True, px=HOLD_TTL_MS):
+        # The mark outlives the waiter's countdown only a little: a waiter lost with
+        # its worker blocks others no longer than that (a forced publish, as a
+        # starting worker or the CLI makes, clears it at once).
+        if resources.redis.set(waiter_key, 1, nx=True, px=HOLD_TTL_MS // 2 + WAITER_MARGIN_MS):
             app.send_task(
                 BOOTSTRAP_LOAD_TASK,
                 args=(run_id, True),

@@ -68,6 +68,11 @@ def bootstrap_lister_key(run_id: int) -> str:
     return f"ud:bootstrap:{run_id}:lister"
 
 
+def bootstrap_waiter_key(run_id: int) -> str:
+    """Set while a loader is queued to look again at slots others hold (tasks/bootstrap.py)."""
+    return f"ud:bootstrap:{run_id}:waiter"
+
+
 def publish_outcome(outcome: BatchOutcome) -> None:
     """Everything a committed batch asks for: fetches, reads of joined rooms (at once,
     whatever is queued: a read from before the join is stale), rooms to read again,
@@ -159,6 +164,11 @@ def publish_bootstrap(
         if lister and (force or not resources.redis.exists(bootstrap_lister_key(run_id))):
             app.send_task(BOOTSTRAP_LIST_TASK, args=(run_id,), queue=EVENTS_QUEUE)
             sent += 1
+        if force:
+            # A waiter queued by a worker that died is gone with it: were its mark
+            # left, a loader finding the slots of dead loaders taken would queue none
+            # and the run would stall.
+            resources.redis.delete(bootstrap_waiter_key(run_id))
         if loaders and resources.redis.set(
             bootstrap_loaders_key(run_id), 1, nx=not force, px=BOOTSTRAP_LOADERS_MARK_TTL_MS
         ):
