@@ -193,15 +193,17 @@ def _start(
     return processes, f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-def federation(
-    settings: Settings, db: Engine, redis_client: object, tmp_path: Path
+def _federation(
+    settings: Settings, db: Engine, tmp_path: Path, **hs1_config: object
 ) -> Iterator[Deployment]:
+    """Two federating homeservers, ours registered on hs1 (`hs1_config`: extra Synapse
+    settings for hs1), and our processes; logs checked at teardown."""
     port = free_port()
     reg = AppserviceRegistration(
         url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
     )
     hs1, hs2 = plan_federating_pair(tmp_path / "synapse", reg)
+    hs1.extra_config.update(hs1_config)
     ours = _our_settings(settings, hs1, port, reg)
     processes, url = _start(ours, db, tmp_path, (hs1, hs2), port)
     try:
@@ -211,6 +213,13 @@ def federation(
         processes.kill_all()
         hs1.stop()
         hs2.stop()
+
+
+@pytest.fixture
+def federation(
+    settings: Settings, db: Engine, redis_client: object, tmp_path: Path
+) -> Iterator[Deployment]:
+    yield from _federation(settings, db, tmp_path)
 
 
 @pytest.fixture
@@ -218,21 +227,7 @@ def federation_with_guests(
     settings: Settings, db: Engine, redis_client: object, tmp_path: Path
 ) -> Iterator[Deployment]:
     """`federation`, with guests allowed on hs1 (allow_guest_access: true)."""
-    port = free_port()
-    reg = AppserviceRegistration(
-        url=f"http://127.0.0.1:{port}", as_token=random_token(), hs_token=random_token()
-    )
-    hs1, hs2 = plan_federating_pair(tmp_path / "synapse", reg)
-    hs1.extra_config["allow_guest_access"] = True
-    ours = _our_settings(settings, hs1, port, reg)
-    processes, url = _start(ours, db, tmp_path, (hs1, hs2), port)
-    try:
-        yield Deployment(hs1, hs2, processes, url, db)
-        _check_our_logs(processes, url, ours, hs1, hs2)
-    finally:
-        processes.kill_all()
-        hs1.stop()
-        hs2.stop()
+    yield from _federation(settings, db, tmp_path, allow_guest_access=True)
 
 
 @pytest.fixture
